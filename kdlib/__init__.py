@@ -1,0 +1,1 @@
+"""kdlib: BERT knowledge distillation with every experiment tracked in MLflow."""

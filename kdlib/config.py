@@ -1,0 +1,275 @@
+"""Typed configuration: every default lives here, once.
+
+Precedence (lowest to highest): these dataclass defaults, the experiment YAML, command-line
+overrides given as dotted keys (``train.learning_rate=3e-5`` or ``--train.learning_rate 3e-5``,
+the form ``mlflow run -P`` passes). Each dataclass checks its own ranges in ``__post_init__``;
+``build_config`` checks keys and types, so every mistake is reported with the key that holds it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kdlib.errors import KDError
+
+MIXED_PRECISION = ("bf16", "fp16", "no")
+
+
+class ConfigRangeError(KDError):
+    def __init__(self, key: str, expected: str, value: Any):
+        self.key, self.expected, self.value = key, expected, value
+        super().__init__(f"config: {key} = {value!r} is out of range; expected {expected}")
+
+
+def _check(ok: bool, key: str, expected: str, value: Any) -> None:
+    if not ok:
+        raise ConfigRangeError(key, expected, value)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    # Hub dataset name, a folder (GLUE train.tsv/dev.tsv, {split}.csv|jsonl|parquet files, or a
+    # save_to_disk folder), or "builtin:sentiment" for the generated demo sample.
+    source: str = "stanfordnlp/sst2"
+    train_split: str = "train"
+    eval_split: str = "validation"
+    text_column: str = "sentence"
+    label_column: str = "label"
+    # Labels may be given in the data as ids 0..n-1 or as these names.
+    label_names: tuple[str, ...] = ("negative", "positive")
+    # SST-2 sentences average ~13 wordpieces; 128 truncates almost nothing.
+    max_length: int = 128
+    max_train_examples: int | None = None
+    max_eval_examples: int | None = None
+
+    def __post_init__(self) -> None:
+        _check(len(self.label_names) >= 2, "label_names", "at least two label names", self.label_names)
+        _check(len(set(self.label_names)) == len(self.label_names), "label_names", "distinct names", self.label_names)
+        _check(self.max_length >= 8, "max_length", "an integer >= 8", self.max_length)
+        for key in ("max_train_examples", "max_eval_examples"):
+            value = getattr(self, key)
+            _check(value is None or value >= 1, key, "an integer >= 1 or null", value)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    # Hub name or local folder of a pretrained model, or "scratch": a BertConfig model of the
+    # sizes below with a WordPiece tokenizer trained on the training sentences.
+    name_or_path: str = "bert-large-uncased"
+    # Student only: build the model from these encoder layers of the teacher (DistilBERT-style)
+    # instead of loading name_or_path.
+    teacher_layers: tuple[int, ...] = ()
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 2
+    intermediate_size: int = 128
+    vocab_size: int = 2000
+
+    def __post_init__(self) -> None:
+        for key in ("hidden_size", "num_layers", "num_heads", "intermediate_size"):
+            _check(getattr(self, key) >= 1, key, "an integer >= 1", getattr(self, key))
+        _check(self.hidden_size % self.num_heads == 0, "hidden_size", "a multiple of num_heads", self.hidden_size)
+        _check(self.vocab_size >= 100, "vocab_size", "an integer >= 100", self.vocab_size)
+        _check(all(i >= 0 for i in self.teacher_layers), "teacher_layers", "layer indices >= 0", self.teacher_layers)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # Devlin et al. (2019) fine-tune BERT on GLUE with lr in {2,3,5}e-5, batch 32, 2-4 epochs.
+    learning_rate: float = 2e-5
+    epochs: int = 3
+    batch_size: int = 32
+    eval_batch_size: int = 256
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    grad_accum_steps: int = 1
+    mixed_precision: str = "bf16"
+    seed: int = 42
+    # Steps between host reads of the running loss; the loop syncs with the device only then.
+    log_every: int = 50
+
+    def __post_init__(self) -> None:
+        _check(self.learning_rate > 0, "learning_rate", "a number > 0", self.learning_rate)
+        _check(self.epochs >= 1, "epochs", "an integer >= 1", self.epochs)
+        _check(self.batch_size >= 1, "batch_size", "an integer >= 1", self.batch_size)
+        _check(self.eval_batch_size >= 1, "eval_batch_size", "an integer >= 1", self.eval_batch_size)
+        _check(self.weight_decay >= 0, "weight_decay", "a number >= 0", self.weight_decay)
+        _check(0 <= self.warmup_ratio < 1, "warmup_ratio", "a number in [0, 1)", self.warmup_ratio)
+        _check(self.max_grad_norm > 0, "max_grad_norm", "a number > 0", self.max_grad_norm)
+        _check(self.grad_accum_steps >= 1, "grad_accum_steps", "an integer >= 1", self.grad_accum_steps)
+        _check(self.mixed_precision in MIXED_PRECISION, "mixed_precision", f"one of {MIXED_PRECISION}", self.mixed_precision)
+        _check(self.log_every >= 1, "log_every", "an integer >= 1", self.log_every)
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    # Names the MLflow experiment and the registered models (<name>-teacher, <name>-student).
+    name: str = "sst2-bert"
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: ModelConfig = field(default_factory=ModelConfig)
+    student: ModelConfig = field(default_factory=lambda: ModelConfig(name_or_path="bert-base-uncased"))
+    train: TrainConfig = field(default_factory=TrainConfig)
+    # Tokenized datasets and generated data live here, keyed by content.
+    cache_dir: str = ".kdcache"
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name.strip()), "name", "a non-empty experiment name", self.name)
+
+
+# --- building a config from YAML and overrides --------------------------------------------------
+
+
+def _is_config(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _coerce(key: str, tp: Any, value: Any) -> Any:
+    """Convert a YAML or command-line value to the field's declared type, or say what was expected."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none")):
+            return None
+        return _coerce(key, inner[0], value)
+    if origin is tuple:
+        (item_tp, _ellipsis) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [v for v in value.strip("[]()").split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise KDError(f"config: {key} = {value!r} has the wrong type; expected a list")
+        return tuple(_coerce(key, item_tp, v.strip() if isinstance(v, str) else v) for v in value)
+    if tp is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        if isinstance(value, bool):
+            return value
+        raise KDError(f"config: {key} = {value!r} has the wrong type; expected true or false")
+    if tp in (int, float):
+        if isinstance(value, bool):
+            raise KDError(f"config: {key} = {value!r} has the wrong type; expected {'an integer' if tp is int else 'a number'}")
+        try:
+            # YAML reads 3e-5 (no dot) as a string, so numbers are parsed from strings too.
+            number = float(value) if tp is float else int(str(value)) if isinstance(value, str) else value
+        except ValueError:
+            number = None
+        if tp is int and isinstance(number, float) and number.is_integer():
+            number = int(number)
+        if number is None or (tp is int and not isinstance(number, int)) or not isinstance(number, (int, float)):
+            raise KDError(f"config: {key} = {value!r} has the wrong type; expected {'an integer' if tp is int else 'a number'}")
+        return tp(number)
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise KDError(f"config: {key} = {value!r} has the wrong type; expected a string")
+        return str(value)
+    raise TypeError(f"unsupported config field type {tp!r} for {key}")
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for name, value in values.items():
+        key = f"{prefix}{name}"
+        if name not in names:
+            raise KDError(f"config: unknown key {key!r}; expected one of {sorted(prefix + n for n in names)}")
+        if _is_config(hints[name]):
+            if not isinstance(value, dict):
+                raise KDError(f"config: {key} = {value!r} has the wrong type; expected a mapping of its fields")
+            kwargs[name] = _build(hints[name], value, f"{key}.")
+        else:
+            kwargs[name] = _coerce(key, hints[name], value)
+    try:
+        return cls(**kwargs)
+    except ConfigRangeError as exc:
+        raise ConfigRangeError(f"{prefix}{exc.key}", exc.expected, exc.value) from None
+
+
+def _nest(overrides: dict[str, str]) -> dict[str, Any]:
+    nested: dict[str, Any] = {}
+    for dotted, value in overrides.items():
+        *parents, leaf = dotted.split(".")
+        node = nested
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise KDError(f"config: override {dotted!r} conflicts with another override of {part!r}")
+        node[leaf] = value
+    return nested
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def read_experiment_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise KDError(f"experiment file {str(path)!r} does not exist; expected a YAML file such as experiments/smoke.yaml")
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise KDError(f"experiment file {str(path)!r} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except yaml.YAMLError as exc:
+        raise KDError(f"experiment file {str(path)!r} is not valid YAML: {exc}") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise KDError(f"experiment file {str(path)!r} must hold a mapping of config keys, not {type(values).__name__}")
+    return values
+
+
+def parse_overrides(args: list[str]) -> dict[str, str]:
+    """Read ``key=value`` and ``--key value`` / ``--key=value`` pairs into a flat dict of dotted keys."""
+    overrides: dict[str, str] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg.startswith("--"):
+            arg = arg[2:]
+            if "=" not in arg:
+                if i + 1 >= len(args):
+                    raise KDError(f"override --{arg} has no value; expected --{arg} VALUE or {arg}=VALUE")
+                arg = f"{arg}={args[i + 1]}"
+                i += 1
+        if "=" not in arg:
+            raise KDError(f"override {arg!r} is not of the form key=value (for example train.learning_rate=3e-5)")
+        key, value = arg.split("=", 1)
+        overrides[key.strip()] = value
+        i += 1
+    return overrides
+
+
+def build_config(experiment_file: str | Path | None = None, overrides: dict[str, str] | None = None) -> ExperimentConfig:
+    """Defaults, then the experiment file, then the overrides; validated."""
+    values = read_experiment_file(experiment_file) if experiment_file else {}
+    values = _merge(values, _nest(overrides or {}))
+    try:
+        return _build(ExperimentConfig, values, "")
+    except TypeError as exc:  # a dataclass constructor rejected a value the coercion let through
+        raise KDError(f"config: {exc}") from None
+
+
+def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted key -> value, for logging every setting of a run as MLflow params."""
+    flat: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            flat.update(flatten(value, f"{prefix}{f.name}."))
+        else:
+            flat[f"{prefix}{f.name}"] = ",".join(map(str, value)) if isinstance(value, tuple) else value
+    return flat

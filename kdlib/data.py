@@ -1,0 +1,172 @@
+"""Labelled sentences from the hub, local files or the built-in demo sample, validated.
+
+Every source ends up as a ``TextSplit``: texts, integer label ids and a content fingerprint. The
+fingerprint hashes every (text, label) pair in order, so anything keyed by it (tokenized caches,
+teacher logits) can never be matched to other examples or another order.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from kdlib import demo_data
+from kdlib.config import DataConfig
+from kdlib.errors import KDError
+
+FILE_READERS = {
+    ".tsv": lambda p: pd.read_csv(p, sep="\t", quoting=csv.QUOTE_NONE, dtype=str, keep_default_na=False, encoding="utf-8"),
+    ".csv": lambda p: pd.read_csv(p, dtype=str, keep_default_na=False, encoding="utf-8"),
+    ".jsonl": lambda p: pd.read_json(p, lines=True, dtype=False, encoding="utf-8"),
+    ".parquet": pd.read_parquet,
+}
+# Where a split's rows sit for humans reading the error: header line + 1-based rows.
+FIRST_ROW_LINE = {".tsv": 2, ".csv": 2, ".jsonl": 1}
+# GLUE calls the validation split "dev".
+SPLIT_ALIASES = {"validation": ("validation", "dev"), "dev": ("dev", "validation")}
+PATH_SUFFIXES = tuple(FILE_READERS) + (".json",)
+
+
+@dataclass(frozen=True)
+class TextSplit:
+    name: str
+    texts: list[str]
+    labels: np.ndarray  # int64 label ids, shape [n]
+    fingerprint: str
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+
+@dataclass(frozen=True)
+class Splits:
+    train: TextSplit
+    eval: TextSplit
+
+
+def fingerprint(texts: list[str], labels: np.ndarray) -> str:
+    digest = hashlib.sha256()
+    for text, label in zip(texts, labels.tolist()):
+        digest.update(f"{label}\t{text}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def _looks_like_path(source: str) -> bool:
+    return source.startswith((".", "/", "~")) or source.count("/") > 1 or source.endswith(PATH_SUFFIXES) or os.sep == "\\" and "\\" in source
+
+
+def _split_file(folder: Path, split: str) -> Path:
+    for stem in SPLIT_ALIASES.get(split, (split,)):
+        for suffix in FILE_READERS:
+            if (folder / f"{stem}{suffix}").is_file():
+                return folder / f"{stem}{suffix}"
+    found = sorted(p.name for p in folder.iterdir() if p.suffix in FILE_READERS)
+    raise KDError(
+        f"data: folder {str(folder)!r} has no file for split {split!r}; expected {split}.tsv (GLUE layout), "
+        f"{split}.csv, {split}.jsonl or {split}.parquet (found: {', '.join(found) or 'no data files'})"
+    )
+
+
+def _read_file(path: Path) -> pd.DataFrame:
+    try:
+        return FILE_READERS[path.suffix](path)
+    except UnicodeDecodeError as exc:
+        raise KDError(f"data: {path} is not UTF-8 text ({exc.reason} at byte {exc.start}); expected a UTF-8 file") from None
+    except PermissionError:
+        raise KDError(f"data: {path} cannot be read (permission denied)") from None
+    except (ValueError, pd.errors.ParserError, OSError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise KDError(f"data: {path} cannot be parsed as {path.suffix[1:]}: {first_line}") from None
+
+
+def _load_local(folder: Path, split: str) -> tuple[pd.DataFrame, str, int]:
+    """Rows of one split, where they came from (for messages), and the line number of the first row."""
+    if (folder / "dataset_dict.json").is_file() or (folder / "dataset_info.json").is_file():
+        import datasets
+
+        loaded = datasets.load_from_disk(str(folder))
+        if isinstance(loaded, datasets.DatasetDict):
+            name = next((s for s in SPLIT_ALIASES.get(split, (split,)) if s in loaded), None)
+            if name is None:
+                raise KDError(f"data: {folder} has no split {split!r}; it has {sorted(loaded)}")
+            loaded = loaded[name]
+        return loaded.to_pandas(), f"{folder} split {split!r}", 0
+    path = _split_file(folder, split)
+    return _read_file(path), str(path), FIRST_ROW_LINE.get(path.suffix, 0)
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def _load_hub(name: str, split: str) -> tuple[pd.DataFrame, str, int]:
+    import datasets
+
+    hint = "point data.source at a local copy (a GLUE folder with train.tsv/dev.tsv, <split>.csv/.jsonl/.parquet files, or a save_to_disk folder)"
+    try:
+        loaded = datasets.load_dataset(name, split=split)
+    except ValueError as exc:
+        if "split" in str(exc).lower():
+            raise KDError(f"data: hub dataset {name!r} has no split {split!r} ({exc})") from None
+        raise
+    except Exception as exc:  # the hub client raises many types for "cannot reach / not cached"
+        why = "the Hugging Face Hub is offline (HF_HUB_OFFLINE=1) and it is not cached" if _hub_offline() else f"it could not be loaded from the Hugging Face Hub ({type(exc).__name__})"
+        raise KDError(f"data: source {name!r} is not a local path and {why}; {hint}") from None
+    return loaded.to_pandas(), f"hub dataset {name!r} split {split!r}", 0
+
+
+def _to_split(frame: pd.DataFrame, where: str, first_line: int, split: str, cfg: DataConfig, limit: int | None) -> TextSplit:
+    for column, key in ((cfg.text_column, "data.text_column"), (cfg.label_column, "data.label_column")):
+        if column not in frame.columns:
+            raise KDError(f"data: {where} has no column {column!r} (columns: {', '.join(map(str, frame.columns))}); set {key}")
+    if len(frame) == 0:
+        raise KDError(f"data: {where} is empty; expected at least one labelled sentence in split {split!r}")
+    row = (lambda i: f"line {i + first_line}") if first_line else (lambda i: f"row {i}")
+    texts = frame[cfg.text_column].tolist()
+    for i, text in enumerate(texts):
+        if not isinstance(text, str) or not text.strip():
+            raise KDError(f"data: {where} {row(i)}: sentence {text!r} is empty or not text; expected a non-empty string")
+    names = {name: i for i, name in enumerate(cfg.label_names)}
+    ids = {str(i): i for i in range(len(cfg.label_names))}
+    labels = np.empty(len(frame), dtype=np.int64)
+    for i, raw in enumerate(frame[cfg.label_column].tolist()):
+        key = str(int(raw)) if isinstance(raw, (int, np.integer)) or (isinstance(raw, float) and raw.is_integer()) else str(raw).strip()
+        if key not in ids and key not in names:
+            raise KDError(
+                f"data: {where} {row(i)}: label {raw!r} is not in the label set; expected an id 0..{len(names) - 1} "
+                f"or one of {list(cfg.label_names)} (data.label_names)"
+            )
+        labels[i] = ids[key] if key in ids else names[key]
+    if limit is not None and limit < len(texts):
+        # A seeded subset keeps the source order, so the fingerprint of a given limit is stable.
+        keep = np.sort(np.random.default_rng(0).choice(len(texts), size=limit, replace=False))
+        texts, labels = [texts[i] for i in keep], labels[keep]
+    return TextSplit(split, texts, labels, fingerprint(texts, labels))
+
+
+def load_splits(cfg: DataConfig) -> Splits:
+    """Read and validate the train and eval splits named by ``cfg``; raises KDError on bad data."""
+    source = cfg.source
+    if source.startswith(demo_data.SCHEME):
+        frames = {split: (demo_data.load(source, split), f"{source} split {split!r}", 0) for split in (cfg.train_split, cfg.eval_split)}
+    else:
+        path = Path(source).expanduser()
+        if path.exists():
+            if not path.is_dir():
+                raise KDError(f"data: source {source!r} is a file; expected a folder holding one file per split (train.tsv and dev.tsv in GLUE layout) or a hub dataset name")
+            frames = {split: _load_local(path, split) for split in (cfg.train_split, cfg.eval_split)}
+        elif _looks_like_path(source):
+            raise KDError(f"data: source {source!r} does not exist; expected a folder with the data files or a hub dataset name")
+        else:
+            frames = {split: _load_hub(source, split) for split in (cfg.train_split, cfg.eval_split)}
+    train = _to_split(*frames[cfg.train_split], cfg.train_split, cfg, cfg.max_train_examples)
+    evals = _to_split(*frames[cfg.eval_split], cfg.eval_split, cfg, cfg.max_eval_examples)
+    return Splits(train=train, eval=evals)

@@ -1,0 +1,70 @@
+"""The teacher job: fine-tune, log, register, promote if better, and cache the teacher's logits."""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+
+from kdlib import batching, logits_cache, tracking
+from kdlib.config import ExperimentConfig
+from kdlib.data import load_splits
+from kdlib.models import load_classifier, tokenizer_fingerprint
+from kdlib.training import fit, make_accelerator, predict_logits
+
+METRIC = "dev_accuracy"
+
+
+@dataclass(frozen=True)
+class TeacherResult:
+    run_id: str
+    model_name: str
+    version: str
+    dev_accuracy: float
+    promoted: bool
+    logits_artifact: str
+
+
+def teacher_model_name(cfg: ExperimentConfig) -> str:
+    return f"{cfg.name}-teacher"
+
+
+def run_teacher(cfg: ExperimentConfig) -> TeacherResult:
+    # Everything that can reject the input happens before the MLflow run opens.
+    make_accelerator(cfg.train.mixed_precision)
+    splits = load_splits(cfg.data)
+    classifier = load_classifier("teacher", cfg.teacher, cfg.data.label_names, splits.train.texts, cfg.data.max_length, cfg.train.seed)
+    train = batching.encode(splits.train, classifier.tokenizer, cfg.data.max_length, cfg.cache_dir)
+    dev = batching.encode(splits.eval, classifier.tokenizer, cfg.data.max_length, cfg.cache_dir)
+    pad = classifier.tokenizer.pad_token_id
+    name = teacher_model_name(cfg)
+
+    with tracking.job_run(cfg.name, "teacher", {"kd.role": "teacher"}) as run:
+        parameters = sum(p.numel() for p in classifier.model.parameters())
+        tracking.log_config(cfg, {"n_train": len(train), "n_dev": len(dev), "train_fingerprint": splits.train.fingerprint, "dev_fingerprint": splits.eval.fingerprint, "parameters": parameters})
+        result = fit(
+            classifier.model,
+            batching.train_loader(train, pad, cfg.train.batch_size, cfg.train.seed),
+            batching.eval_loader(dev, pad, cfg.train.eval_batch_size),
+            dev.labels,
+            cfg.train,
+            on_epoch_end=tracking.log_epoch,
+        )
+        classifier.model = result.model
+        dev_accuracy = result.history[-1]["dev_accuracy"]
+        # Eval mode (no dropout): these are the soft targets every student trial will read.
+        accelerator = make_accelerator(cfg.train.mixed_precision)
+        train_logits = predict_logits(classifier.model, batching.eval_loader(train, pad, cfg.train.eval_batch_size), accelerator)
+        dev_logits = predict_logits(classifier.model, batching.eval_loader(dev, pad, cfg.train.eval_batch_size), accelerator)
+        model_uri = tracking.log_classifier(classifier, cfg.data.max_length)
+        with tracking.registered_version(model_uri, name) as version:
+            key = logits_cache.LogitsKey(name, version, splits.train.fingerprint, splits.eval.fingerprint, tokenizer_fingerprint(classifier.tokenizer), cfg.data.max_length)
+            with tempfile.TemporaryDirectory() as tmp:
+                folder = logits_cache.write(Path(tmp), key, train_logits, dev_logits)
+                artifact = f"{logits_cache.ARTIFACT_DIR}/{folder.name}"
+                mlflow.log_artifacts(str(folder), artifact)
+            mlflow.set_tag("kd.teacher_logits", artifact)
+            promoted = tracking.promote_if_better(name, version, METRIC, dev_accuracy)
+        return TeacherResult(run.info.run_id, name, version, dev_accuracy, promoted, artifact)

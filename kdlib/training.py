@@ -1,0 +1,158 @@
+"""The one training loop, shared by the teacher and every student trial.
+
+It knows nothing of MLflow or Optuna: per-epoch metrics go to ``on_epoch_end``, which may raise to
+stop training (a pruned trial). Device placement and mixed precision come from accelerate. The
+loop reads values back from the device only every ``log_every`` steps and at epoch ends.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, get_linear_schedule_with_warmup
+
+from kdlib.batching import LengthGroupedBatches
+from kdlib.config import TrainConfig
+from kdlib.errors import KDError
+
+Batch = dict[str, torch.Tensor]
+# (logits [batch, labels], batch) -> (loss to minimise, named parts to report, e.g. KD and CE terms)
+LossFn = Callable[[torch.Tensor, Batch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+EpochCallback = Callable[[int, dict[str, float]], None]
+
+
+def cross_entropy(logits: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    return F.cross_entropy(logits.float(), batch["labels"]), {}
+
+
+class NonFiniteLoss(KDError):
+    """The training loss became NaN or infinite."""
+
+
+@dataclass
+class FitResult:
+    model: PreTrainedModel  # unwrapped, without mixed-precision hooks, ready to save
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def make_accelerator(mixed_precision: str, grad_accum_steps: int = 1) -> Accelerator:
+    if mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise KDError("config: train.mixed_precision = 'fp16' needs a CUDA GPU; expected 'bf16' or 'no' on this machine")
+    # accelerate keeps one process-wide state; a new job in the same process (tests, sweeps) may
+    # ask for another precision, which that state would otherwise refuse.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    return Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=grad_accum_steps)
+
+
+def _optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    # No weight decay on biases and LayerNorm weights, as in BERT's original recipe.
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim < 2 else decay).append(param)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # The fused kernel does the whole update in one pass; CUDA and, since torch 2.4, CPU have it.
+    fused = device.type in ("cuda", "cpu")
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, fused=fused)
+
+
+@torch.no_grad()
+def predict_logits(model: torch.nn.Module, loader: torch.utils.data.DataLoader, accelerator: Accelerator) -> np.ndarray:
+    """float32 logits [n, labels] in the split's original order (the loader may batch in any order)."""
+    model.eval()
+    chunks, indices = [], []
+    for batch in loader:
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        logits, index = accelerator.gather_for_metrics((logits, batch["index"]))
+        chunks.append(logits.cpu())
+        indices.append(index.cpu())
+    out = torch.empty((sum(len(c) for c in chunks), chunks[0].shape[1]), dtype=torch.float32)
+    out[torch.cat(indices)] = torch.cat(chunks)
+    return out.numpy()
+
+
+def classification_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    logits_t = torch.from_numpy(logits)
+    labels_t = torch.from_numpy(labels)
+    return {
+        "accuracy": float((logits_t.argmax(-1) == labels_t).float().mean()),
+        "loss": float(F.cross_entropy(logits_t, labels_t)),
+    }
+
+
+def fit(
+    model: PreTrainedModel,
+    train_loader: torch.utils.data.DataLoader,
+    eval_loader: torch.utils.data.DataLoader,
+    eval_labels: np.ndarray,
+    cfg: TrainConfig,
+    loss_fn: LossFn = cross_entropy,
+    on_epoch_end: EpochCallback | None = None,
+) -> FitResult:
+    """Train for ``cfg.epochs``; after each, evaluate and pass the epoch's metrics to ``on_epoch_end``."""
+    set_seed(cfg.seed)
+    accelerator = make_accelerator(cfg.mixed_precision, cfg.grad_accum_steps)
+    sampler = train_loader.batch_sampler
+    optimizer = _optimizer(model, cfg, accelerator.device)
+    updates_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum_steps)
+    total = updates_per_epoch * cfg.epochs
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total), total)
+    model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
+    result = FitResult(model=model)
+    for epoch in range(1, cfg.epochs + 1):
+        if isinstance(sampler, LengthGroupedBatches):
+            sampler.set_epoch(epoch)
+        model.train()
+        loss_sum = torch.zeros((), device=accelerator.device)
+        part_sums: dict[str, torch.Tensor] = {}
+        examples = 0
+        started = time.perf_counter()
+        bar = tqdm(train_loader, desc=f"epoch {epoch}/{cfg.epochs}", disable=not accelerator.is_local_main_process, leave=False)
+        for step, batch in enumerate(bar, start=1):
+            with accelerator.accumulate(model):
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                loss, parts = loss_fn(logits, batch)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            loss_sum += loss.detach()
+            for name, value in parts.items():
+                part_sums[name] = part_sums.get(name, 0) + value.detach()
+            examples += len(batch["labels"])
+            if step % cfg.log_every == 0:
+                running = float(loss_sum) / step  # the only host sync inside an epoch
+                if not math.isfinite(running):
+                    raise NonFiniteLoss(f"training loss became {running} in epoch {epoch} at step {step}")
+                bar.set_postfix(loss=f"{running:.4f}")
+        train_loss = float(loss_sum) / len(train_loader)
+        seconds = time.perf_counter() - started
+        if not math.isfinite(train_loss):
+            raise NonFiniteLoss(f"training loss became {train_loss} in epoch {epoch}")
+        evaluation = classification_metrics(predict_logits(model, eval_loader, accelerator), eval_labels)
+        metrics = {
+            "train_loss": train_loss,
+            **{f"train_{name}": float(value) / len(train_loader) for name, value in part_sums.items()},
+            "dev_accuracy": evaluation["accuracy"],
+            "dev_loss": evaluation["loss"],
+            "train_examples_per_s": examples * accelerator.num_processes / seconds,
+            "train_seconds": seconds,
+        }
+        result.history.append(metrics)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, metrics)
+    result.model = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+    return result
