@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,20 +39,44 @@ class Classifier:
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
-    """Hash of the tokenizer's full definition (vocab, normalizer, special tokens), not its name."""
-    return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()[:16]
+    """Hash of the tokenizer's definition (vocab, normalizer, special tokens), not its name.
+
+    Truncation and padding are left out: they are per-call settings the backend remembers.
+    """
+    definition = json.loads(tokenizer.backend_tokenizer.to_str())
+    definition.pop("truncation", None)
+    definition.pop("padding", None)
+    return hashlib.sha256(json.dumps(definition, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def train_wordpiece(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
-    """A lower-casing BERT WordPiece tokenizer trained on ``texts`` (deterministic for the same texts)."""
-    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors, trainers
+    """A lower-casing BERT WordPiece tokenizer whose vocabulary comes from ``texts``.
+
+    The vocabulary is the special tokens, every character (alone and as a ``##`` continuation) and
+    then the most frequent words, ties broken alphabetically. The tokenizers library's WordPiece
+    trainer breaks frequency ties in hash order, so the same texts would give another vocabulary
+    (and another token-cache key) on every run.
+    """
+    from collections import Counter
+
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
     from tokenizers.models import WordPiece
 
-    backend = Tokenizer(WordPiece(unk_token="[UNK]"))
-    backend.normalizer = normalizers.BertNormalizer(lowercase=True)
-    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    backend.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS))
-    cls_id, sep_id = backend.token_to_id("[CLS]"), backend.token_to_id("[SEP]")
+    normalizer = normalizers.BertNormalizer(lowercase=True)
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    words = Counter(w for text in texts for w, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
+    chars = sorted({c for w in words for c in w})
+    vocab = SPECIAL_TOKENS + chars + [f"##{c}" for c in chars]
+    known = set(vocab)
+    for word, _count in sorted(words.items(), key=lambda wc: (-wc[1], wc[0])):
+        if len(vocab) >= vocab_size:
+            break
+        if word not in known:
+            vocab.append(word)
+    backend = Tokenizer(WordPiece({token: i for i, token in enumerate(vocab)}, unk_token="[UNK]"))
+    backend.normalizer = normalizer
+    backend.pre_tokenizer = pre_tokenizer
+    cls_id, sep_id = vocab.index("[CLS]"), vocab.index("[SEP]")
     backend.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
     )

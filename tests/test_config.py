@@ -1,0 +1,91 @@
+from pathlib import Path
+
+import pytest
+
+from kdlib.config import ExperimentConfig, TrainConfig, build_config, flatten, parse_overrides
+from kdlib.errors import KDError
+from tests.conftest import ROOT
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "exp.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_defaults_then_yaml_then_overrides(tmp_path):
+    path = write(tmp_path, "name: mine\ntrain:\n  learning_rate: 3e-5\n  epochs: 2\n")
+    cfg = build_config(path, parse_overrides(["train.epochs=5", "--data.max_length", "64"]))
+    assert cfg.name == "mine"
+    assert cfg.train.learning_rate == 3e-5  # YAML's "3e-5" string read as a number
+    assert cfg.train.epochs == 5  # override beats YAML
+    assert cfg.data.max_length == 64
+    assert cfg.train.batch_size == TrainConfig().batch_size  # untouched default
+    assert build_config(None) == ExperimentConfig()
+
+
+def test_shipped_experiments_load():
+    for path in sorted((ROOT / "experiments").glob("*.yaml")):
+        build_config(path)
+    minilm = build_config(ROOT / "experiments" / "sst2-minilm.yaml")
+    assert minilm.student.teacher_layers == (0, 2, 4)
+    assert build_config(ROOT / "experiments" / "sst2-bert.yaml").teacher.name_or_path == "bert-large-uncased"
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.learning_rate=0", "train.learning_rate = 0.0 is out of range; expected a number > 0"),
+        ("train.learning_rate=-1e-5", "train.learning_rate = -1e-05 is out of range"),
+        ("train.epochs=0", "train.epochs = 0 is out of range; expected an integer >= 1"),
+        ("train.batch_size=0", "train.batch_size = 0 is out of range; expected an integer >= 1"),
+        ("train.epochs=three", "train.epochs = 'three' has the wrong type; expected an integer"),
+        ("train.epochs=2.5", "train.epochs = '2.5' has the wrong type; expected an integer"),
+        ("train.mixed_precision=fp8", "train.mixed_precision = 'fp8' is out of range; expected one of"),
+        ("train.learnin_rate=1", "unknown key 'train.learnin_rate'"),
+        ("colour=red", "unknown key 'colour'"),
+        ("teacher.hidden_size=0", "teacher.hidden_size = 0 is out of range"),
+        ("data.label_names=only", "data.label_names = ('only',) is out of range; expected at least two"),
+        ("train=3", "train = '3' has the wrong type; expected a mapping"),
+    ],
+)
+def test_bad_override_names_key_and_expectation(override, message):
+    with pytest.raises(KDError, match=None) as err:
+        build_config(None, parse_overrides([override]))
+    assert message in str(err.value)
+
+
+def test_yaml_wrong_type_and_unknown_key(tmp_path):
+    with pytest.raises(KDError, match=r"train.batch_size = \[32\] has the wrong type"):
+        build_config(write(tmp_path, "train:\n  batch_size: [32]\n"))
+    with pytest.raises(KDError, match="unknown key 'data.sentence_col'"):
+        build_config(write(tmp_path, "data:\n  sentence_col: text\n"))
+
+
+def test_yaml_is_read_with_a_safe_loader(tmp_path):
+    with pytest.raises(KDError, match="not valid YAML"):
+        build_config(write(tmp_path, "name: !!python/object/apply:os.system ['true']\n"))
+
+
+def test_bad_experiment_files(tmp_path):
+    with pytest.raises(KDError, match="does not exist"):
+        build_config(tmp_path / "missing.yaml")
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes("name: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(KDError, match="not UTF-8"):
+        build_config(latin1)
+    with pytest.raises(KDError, match="must hold a mapping"):
+        build_config(write(tmp_path, "- a\n- b\n"))
+
+
+def test_override_syntax_errors():
+    with pytest.raises(KDError, match="not of the form key=value"):
+        parse_overrides(["train.epochs"])
+    with pytest.raises(KDError, match="has no value"):
+        parse_overrides(["--train.epochs"])
+
+
+def test_flatten_gives_dotted_params():
+    flat = flatten(build_config(None, {"student.teacher_layers": "0,2"}))
+    assert flat["student.teacher_layers"] == "0,2"
+    assert flat["train.learning_rate"] == TrainConfig().learning_rate

@@ -1,0 +1,74 @@
+import math
+
+import pytest
+import torch
+
+from kdlib import batching
+from kdlib.config import TrainConfig
+from kdlib.errors import KDError
+from kdlib.training import NonFiniteLoss, classification_metrics, fit, make_accelerator, predict_logits
+from tests.helpers import demo_splits, tiny_classifier
+
+CFG = TrainConfig(learning_rate=3e-3, epochs=3, batch_size=16, eval_batch_size=64, mixed_precision="no", log_every=5, seed=7)
+
+
+def run(tmp_path, cfg=CFG, **kwargs):
+    splits = demo_splits()
+    clf = tiny_classifier(splits.train.texts)
+    train = batching.encode(splits.train, clf.tokenizer, 64, tmp_path)
+    dev = batching.encode(splits.eval, clf.tokenizer, 64, tmp_path)
+    pad = clf.tokenizer.pad_token_id
+    result = fit(clf.model, batching.train_loader(train, pad, cfg.batch_size, cfg.seed), batching.eval_loader(dev, pad, cfg.eval_batch_size), dev.labels, cfg, **kwargs)
+    return result, clf, dev
+
+
+def test_learns_and_reports_every_epoch(tmp_path):
+    seen = []
+    result, clf, dev = run(tmp_path, on_epoch_end=lambda epoch, m: seen.append((epoch, m)))
+    assert [e for e, _ in seen] == [1, 2, 3]
+    for _, metrics in seen:
+        assert {"train_loss", "dev_accuracy", "dev_loss", "train_examples_per_s"} <= set(metrics)
+        assert all(math.isfinite(v) for v in metrics.values())
+    assert seen[-1][1]["train_loss"] < seen[0][1]["train_loss"]
+    assert seen[-1][1]["dev_accuracy"] > 0.7  # the demo task: chance is ~0.5
+    # The returned model is unwrapped and in agreement with the last evaluation.
+    logits = predict_logits(result.model, batching.eval_loader(dev, clf.tokenizer.pad_token_id, 64), make_accelerator("no"))
+    assert classification_metrics(logits, dev.labels)["accuracy"] == pytest.approx(seen[-1][1]["dev_accuracy"])
+
+
+def test_same_seed_same_result(tmp_path):
+    a, _, _ = run(tmp_path)
+    b, _, _ = run(tmp_path)
+    assert [m["dev_loss"] for m in a.history] == [m["dev_loss"] for m in b.history]
+
+
+def test_bf16_and_accumulation_run(tmp_path):
+    result, _, _ = run(tmp_path, cfg=TrainConfig(**{**CFG.__dict__, "mixed_precision": "bf16", "grad_accum_steps": 2, "epochs": 1}))
+    assert math.isfinite(result.history[0]["train_loss"])
+    assert all(p.dtype == torch.float32 for p in result.model.parameters())  # master weights stay fp32
+
+
+def test_eval_logits_come_back_in_example_order(tmp_path):
+    result, clf, dev = run(tmp_path, cfg=TrainConfig(**{**CFG.__dict__, "epochs": 1}))
+    sorted_logits = predict_logits(result.model, batching.eval_loader(dev, clf.tokenizer.pad_token_id, 7), make_accelerator("no"))
+    one_by_one = []
+    result.model.eval()
+    with torch.no_grad():
+        for ids in dev.input_ids[:20]:
+            one_by_one.append(result.model(input_ids=torch.as_tensor(ids[None], dtype=torch.long)).logits[0])
+    assert torch.allclose(torch.from_numpy(sorted_logits[:20]), torch.stack(one_by_one), atol=1e-4)
+
+
+def test_non_finite_loss_stops_training(tmp_path):
+    def nan_loss(logits, batch):
+        return logits.sum() * float("nan"), {}
+
+    with pytest.raises(NonFiniteLoss, match="training loss became nan in epoch 1"):
+        run(tmp_path, loss_fn=nan_loss)
+
+
+def test_fp16_needs_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(KDError, match="'fp16' needs a CUDA GPU"):
+        make_accelerator("fp16")
