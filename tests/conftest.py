@@ -21,6 +21,7 @@ def offline_isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)  # mlflow.set_experiment exports it
     monkeypatch.chdir(tmp_path)  # mlruns/ artifacts land here
     yield
     while mlflow.active_run():
@@ -35,6 +36,7 @@ def write_tsv(path: Path, rows: list[tuple[str, object]], header: str = "sentenc
 
 def subprocess_env(tmp_path: Path) -> dict[str, str]:
     env = dict(os.environ)
-    env.pop("MLFLOW_RUN_ID", None)
+    for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+        env.pop(name, None)
     env["PYTHONPATH"] = str(ROOT)
     return env

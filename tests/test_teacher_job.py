@@ -1,0 +1,160 @@
+"""The teacher job: end to end through `mlflow run`, and the bad inputs that must stop it cleanly."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import mlflow
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from kdlib import teacher as teacher_job
+from kdlib.cli import main
+from kdlib.config import build_config, parse_overrides
+from kdlib.data import load_splits
+from tests.conftest import ROOT, SMOKE, subprocess_env, write_tsv
+
+# Fewer, shorter epochs than the demo: these tests check plumbing, not accuracy.
+FAST = ["train.epochs=2", "data.max_eval_examples=200"]
+
+
+def all_runs(client: MlflowClient):
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    return client.search_runs(experiments)
+
+
+def assert_nothing_half_made(client: MlflowClient):
+    assert all(r.info.status != "RUNNING" for r in all_runs(client))
+    assert client.search_registered_models() == []
+
+
+@pytest.mark.e2e
+def test_mlflow_run_teacher_registers_caches_logits_and_predicts(tmp_path):
+    command = [sys.executable, "-m", "mlflow", "run", str(ROOT), "-e", "teacher", "--env-manager", "local", "-P", f"experiment={SMOKE}"]
+    for override in FAST:
+        command += ["-P", override]
+    done = subprocess.run(command, env=subprocess_env(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    client = MlflowClient()
+    version = client.get_model_version_by_alias("smoke-teacher", "champion")
+    run = client.get_run(version.run_id)
+    assert client.get_experiment(run.info.experiment_id).name == "smoke"  # not "Default"
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.epochs"] == "2"  # the -P override reached the job
+    history = client.get_metric_history(run.info.run_id, "dev_accuracy")
+    assert [m.step for m in history] == [1, 2]
+    assert {"train_loss", "dev_loss", "train_examples_per_s"} <= set(run.data.metrics)
+    assert run.data.tags["champion.promoted"] == "true"
+
+    # The cached logits: keyed by this version and the data, one row per example, eval mode.
+    artifact = run.data.tags["kd.teacher_logits"]
+    folder = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=artifact, dst_path=str(tmp_path / "dl"))
+    key = json.load(open(f"{folder}/key.json"))
+    cfg = build_config(SMOKE, parse_overrides(FAST))
+    splits = load_splits(cfg.data)
+    assert key["teacher_version"] == str(version.version)
+    assert key["train_fingerprint"] == splits.train.fingerprint
+    logits = np.load(f"{folder}/logits.npz")
+    assert logits["train"].shape == (len(splits.train), 2)
+    dev_accuracy = float((logits["dev"].argmax(1) == splits.eval.labels).mean())
+    assert dev_accuracy == pytest.approx(run.data.metrics["dev_accuracy"], abs=1e-6)
+
+    model = mlflow.pyfunc.load_model("models:/smoke-teacher@champion")
+    predictions = model.predict(["a gorgeous, witty film", "a tedious mess"])
+    assert list(predictions.columns) == ["label", "score", "prob_negative", "prob_positive"]
+    assert set(predictions["label"]) <= {"negative", "positive"}
+    # On raw dev sentences the registered model reproduces the run's own dev logits.
+    on_dev = model.predict(splits.eval.texts[:64])
+    expected = np.exp(logits["dev"][:64]) / np.exp(logits["dev"][:64]).sum(1, keepdims=True)
+    assert np.allclose(on_dev[["prob_negative", "prob_positive"]].to_numpy(), expected, atol=1e-4)
+    assert on_dev["label"].tolist() == [["negative", "positive"][i] for i in expected.argmax(1)]
+    assert np.allclose(on_dev["score"], expected.max(1), atol=1e-4)
+
+
+def test_worse_teacher_leaves_the_champion_alias(tmp_path):
+    good = teacher_job.run_teacher(build_config(SMOKE, parse_overrides(FAST)))
+    worse = teacher_job.run_teacher(build_config(SMOKE, parse_overrides(FAST + ["train.epochs=1", "train.learning_rate=1e-6"])))
+    assert good.promoted and not worse.promoted
+    assert worse.dev_accuracy < good.dev_accuracy
+    client = MlflowClient()
+    assert str(client.get_model_version_by_alias("smoke-teacher", "champion").version) == good.version
+    assert worse.version != good.version  # still registered, just not the champion
+    tags = client.get_run(worse.run_id).data.tags
+    assert tags["champion.promoted"] == "false"
+    assert tags["champion.previous_version"] == good.version
+
+
+def test_failure_after_training_marks_run_failed_and_leaves_registry_unchanged(tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(teacher_job.mlflow, "log_artifacts", broken)
+    with pytest.raises(RuntimeError, match="disk full"):
+        teacher_job.run_teacher(build_config(SMOKE, parse_overrides(FAST + ["train.epochs=1"])))
+    client = MlflowClient()
+    (run,) = all_runs(client)
+    assert run.info.status == "FAILED"
+    assert client.search_registered_models() == []
+
+
+def bad(tmp_path, *args):
+    """Run the CLI in-process on the smoke experiment; return (exit code, stderr)."""
+    return main(["teacher", "--experiment", str(SMOKE), *args])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["train.learning_rate=0"], "train.learning_rate = 0.0 is out of range; expected a number > 0"),
+        (["train.epochs=0"], "train.epochs = 0 is out of range"),
+        (["train.batch_size=0"], "train.batch_size = 0 is out of range"),
+        (["train.epochs=two"], "train.epochs = 'two' has the wrong type; expected an integer"),
+        (["train.nope=1"], "unknown key 'train.nope'"),
+        (["data.source=./missing-data"], "data: source './missing-data' does not exist"),
+        (["data.source=stanfordnlp/sst2"], "is not a local path and the Hugging Face Hub is offline"),
+        (["teacher.name_or_path=bert-large-uncased"], "is not a local folder and the Hugging Face Hub is offline"),
+        (["teacher.name_or_path=./no-model"], "teacher.name_or_path: './no-model' does not exist"),
+        (["data.text_column=review"], "has no column 'review'"),
+    ],
+)
+def test_bad_input_one_message_no_run_no_registry(tmp_path, capsys, overrides, message):
+    assert bad(tmp_path, *overrides) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert "Traceback" not in err
+    assert err.count("error:") == 1
+    assert_nothing_half_made(MlflowClient())
+
+
+def test_bad_data_and_model_folders(tmp_path, capsys):
+    folder = tmp_path / "data"
+    write_tsv(folder / "train.tsv", [("fine", 0), ("odd", 7)])
+    write_tsv(folder / "dev.tsv", [("ok", 1)])
+    assert bad(tmp_path, f"data.source={folder}") == 2
+    assert "train.tsv line 3: label '7' is not in the label set" in capsys.readouterr().err
+    write_tsv(folder / "train.tsv", [("fine", 0)])
+    write_tsv(folder / "dev.tsv", [])
+    assert bad(tmp_path, f"data.source={folder}") == 2
+    assert "dev.tsv is empty" in capsys.readouterr().err
+    (folder / "train.tsv").write_bytes(b"sentence\tlabel\n\xff\xfe bad\t1\n")
+    assert bad(tmp_path, f"data.source={folder}") == 2
+    assert "is not UTF-8" in capsys.readouterr().err
+    (tmp_path / "empty-model").mkdir()
+    assert bad(tmp_path, f"teacher.name_or_path={tmp_path / 'empty-model'}") == 2
+    assert "is not a model folder (no config.json)" in capsys.readouterr().err
+    assert bad(tmp_path, "data.max_length=4096", f"teacher.name_or_path={ROOT}") == 2
+    assert_nothing_half_made(MlflowClient())
+
+
+def test_bad_input_under_mlflow_run_exits_non_zero_with_one_message(tmp_path):
+    command = [sys.executable, "-m", "mlflow", "run", str(ROOT), "-e", "teacher", "--env-manager", "local", "--experiment-name", "smoke", "-P", f"experiment={SMOKE}", "-P", "train.learning_rate=-1"]
+    done = subprocess.run(command, env=subprocess_env(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "error: config: train.learning_rate = -1.0 is out of range; expected a number > 0" in done.stderr
+    client = MlflowClient()
+    assert [r.info.status for r in all_runs(client)] == ["FAILED"]  # the launcher's run, marked by mlflow run
+    assert client.search_registered_models() == []
