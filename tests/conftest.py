@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 # Before anything imports huggingface_hub, which reads these once at import time.
@@ -39,4 +40,6 @@ def subprocess_env(tmp_path: Path) -> dict[str, str]:
     for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
         env.pop(name, None)
     env["PYTHONPATH"] = str(ROOT)
+    # `mlflow run --env-manager local` runs `python -m kdlib` from PATH: make it this interpreter.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     return env
