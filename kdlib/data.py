@@ -52,7 +52,7 @@ class Splits:
 
 def fingerprint(texts: list[str], labels: np.ndarray) -> str:
     digest = hashlib.sha256()
-    for text, label in zip(texts, labels.tolist()):
+    for text, label in zip(texts, labels.tolist(), strict=True):
         digest.update(f"{label}\t{text}\n".encode())
     return digest.hexdigest()[:16]
 
@@ -118,7 +118,11 @@ def _load_hub(name: str, split: str) -> tuple[pd.DataFrame, str, int]:
             raise KDError(f"data: hub dataset {name!r} has no split {split!r} ({exc})") from None
         raise
     except Exception as exc:  # the hub client raises many types for "cannot reach / not cached"
-        why = "the Hugging Face Hub is offline (HF_HUB_OFFLINE=1) and it is not cached" if _hub_offline() else f"it could not be loaded from the Hugging Face Hub ({type(exc).__name__})"
+        why = (
+            "the Hugging Face Hub is offline (HF_HUB_OFFLINE=1) and it is not cached"
+            if _hub_offline()
+            else f"it could not be loaded from the Hugging Face Hub ({type(exc).__name__})"
+        )
         raise KDError(f"data: source {name!r} is not a local path and {why}; {hint}") from None
     return loaded.to_pandas(), f"hub dataset {name!r} split {split!r}", 0
 
@@ -161,7 +165,9 @@ def load_splits(cfg: DataConfig) -> Splits:
         path = Path(source).expanduser()
         if path.exists():
             if not path.is_dir():
-                raise KDError(f"data: source {source!r} is a file; expected a folder holding one file per split (train.tsv and dev.tsv in GLUE layout) or a hub dataset name")
+                raise KDError(
+                    f"data: source {source!r} is a file; expected a folder holding one file per split (train.tsv and dev.tsv in GLUE layout) or a hub dataset name"
+                )
             frames = {split: _load_local(path, split) for split in (cfg.train_split, cfg.eval_split)}
         elif _looks_like_path(source):
             raise KDError(f"data: source {source!r} does not exist; expected a folder with the data files or a hub dataset name")

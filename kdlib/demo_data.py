@@ -46,7 +46,7 @@ def _review(rng: random.Random) -> tuple[str, int]:
 
 
 def load(source: str, split: str) -> pd.DataFrame:
-    name = source[len(SCHEME):]
+    name = source[len(SCHEME) :]
     if name != "sentiment":
         raise KDError(f"data: unknown built-in source {source!r}; expected {SCHEME}sentiment")
     if split not in SIZES:

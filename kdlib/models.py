@@ -109,7 +109,9 @@ def _pretrained(role: str, name_or_path: str, label_names: tuple[str, ...]) -> C
     path = Path(name_or_path).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
-            raise KDError(f"{role}.name_or_path: {name_or_path!r} is not a model folder (no config.json); expected a Hugging Face model folder, a hub name or 'scratch'")
+            raise KDError(
+                f"{role}.name_or_path: {name_or_path!r} is not a model folder (no config.json); expected a Hugging Face model folder, a hub name or 'scratch'"
+            )
         source = str(path)
     elif name_or_path.startswith((".", "/", "~")):
         raise KDError(f"{role}.name_or_path: {name_or_path!r} does not exist; expected a model folder, a hub name or 'scratch'")
@@ -123,8 +125,14 @@ def _pretrained(role: str, name_or_path: str, label_names: tuple[str, ...]) -> C
 
         if path.exists():
             raise KDError(f"{role}.name_or_path: {name_or_path!r} could not be loaded as a model: {str(exc).splitlines()[0]}") from None
-        why = "the Hugging Face Hub is offline (HF_HUB_OFFLINE=1) and it is not cached" if constants.HF_HUB_OFFLINE else "it could not be downloaded from the Hugging Face Hub"
-        raise KDError(f"{role}.name_or_path: {name_or_path!r} is not a local folder and {why}; point {role}.name_or_path at a local copy (a folder saved with save_pretrained)") from None
+        why = (
+            "the Hugging Face Hub is offline (HF_HUB_OFFLINE=1) and it is not cached"
+            if constants.HF_HUB_OFFLINE
+            else "it could not be downloaded from the Hugging Face Hub"
+        )
+        raise KDError(
+            f"{role}.name_or_path: {name_or_path!r} is not a local folder and {why}; point {role}.name_or_path at a local copy (a folder saved with save_pretrained)"
+        ) from None
     if not tokenizer.is_fast:
         raise KDError(f"{role}.name_or_path: {name_or_path!r} has no fast tokenizer (tokenizer.json); expected a model with a fast tokenizer")
     return Classifier(tokenizer, model)
@@ -160,5 +168,7 @@ def cut_from_teacher(teacher: Classifier, layers: tuple[int, ...]) -> Classifier
             state[pattern.sub(lambda m: f"{m.group(1)}{renumber[m.group(2)]}{m.group(3)}", key, count=1)] = value.clone()
     missing, unexpected = student.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise KDError(f"student.teacher_layers: the teacher's weights do not fit a {len(layers)}-layer copy (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise KDError(
+            f"student.teacher_layers: the teacher's weights do not fit a {len(layers)}-layer copy (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     return Classifier(teacher.tokenizer, student)

@@ -43,7 +43,16 @@ def run_teacher(cfg: ExperimentConfig) -> TeacherResult:
 
     with tracking.job_run(cfg.name, "teacher", {"kd.role": "teacher"}) as run:
         parameters = sum(p.numel() for p in classifier.model.parameters())
-        tracking.log_config(cfg, {"n_train": len(train), "n_dev": len(dev), "train_fingerprint": splits.train.fingerprint, "dev_fingerprint": splits.eval.fingerprint, "parameters": parameters})
+        tracking.log_config(
+            cfg,
+            {
+                "n_train": len(train),
+                "n_dev": len(dev),
+                "train_fingerprint": splits.train.fingerprint,
+                "dev_fingerprint": splits.eval.fingerprint,
+                "parameters": parameters,
+            },
+        )
         result = fit(
             classifier.model,
             batching.train_loader(train, pad, cfg.train.batch_size, cfg.train.seed),
@@ -60,7 +69,9 @@ def run_teacher(cfg: ExperimentConfig) -> TeacherResult:
         dev_logits = predict_logits(classifier.model, batching.eval_loader(dev, pad, cfg.train.eval_batch_size), accelerator)
         model_uri = tracking.log_classifier(classifier, cfg.data.max_length)
         with tracking.registered_version(model_uri, name) as version:
-            key = logits_cache.LogitsKey(name, version, splits.train.fingerprint, splits.eval.fingerprint, tokenizer_fingerprint(classifier.tokenizer), cfg.data.max_length)
+            key = logits_cache.LogitsKey(
+                name, version, splits.train.fingerprint, splits.eval.fingerprint, tokenizer_fingerprint(classifier.tokenizer), cfg.data.max_length
+            )
             with tempfile.TemporaryDirectory() as tmp:
                 folder = logits_cache.write(Path(tmp), key, train_logits, dev_logits)
                 artifact = f"{logits_cache.ARTIFACT_DIR}/{folder.name}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import warnings
 from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
@@ -78,7 +79,9 @@ def log_classifier(classifier: Classifier, max_length: int, name: str = "model")
         inputs=Schema([ColSpec("string")]),  # unnamed: a plain list of strings is valid input
         outputs=Schema([ColSpec("string", "label"), ColSpec("double", "score")] + [ColSpec("double", f"prob_{n}") for n in names]),
     )
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        # The signature above is explicit; MLflow's advice to add type hints or an example does not apply.
+        warnings.filterwarnings("ignore", message=".*(Add type hints|An input example was not provided)")
         classifier.model.save_pretrained(tmp)
         classifier.tokenizer.save_pretrained(tmp)
         info = mlflow.pyfunc.log_model(

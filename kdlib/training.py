@@ -57,7 +57,7 @@ def make_accelerator(mixed_precision: str, grad_accum_steps: int = 1) -> Acceler
 def _optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     # No weight decay on biases and LayerNorm weights, as in BERT's original recipe.
     decay, no_decay = [], []
-    for name, param in model.named_parameters():
+    for param in model.parameters():
         if param.requires_grad:
             (no_decay if param.ndim < 2 else decay).append(param)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -118,7 +118,9 @@ def fit(
         part_sums: dict[str, torch.Tensor] = {}
         examples = 0
         started = time.perf_counter()
-        bar = tqdm(train_loader, desc=f"epoch {epoch}/{cfg.epochs}", disable=not accelerator.is_local_main_process, leave=False)
+        bar = tqdm(
+            train_loader, desc=f"epoch {epoch}/{cfg.epochs}", disable=None if accelerator.is_local_main_process else True, leave=False
+        )  # None: off when not a TTY
         for step, batch in enumerate(bar, start=1):
             with accelerator.accumulate(model):
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits

@@ -109,7 +109,9 @@ def test_missing_path(tmp_path):
 
 def test_missing_split_file(tmp_path):
     write_tsv(tmp_path / "d" / "train.tsv", TRAIN)
-    expect_error(DataConfig(source=str(tmp_path / "d")), "no file for split 'validation'", "dev.tsv" if False else "validation.tsv", "found: train.tsv")
+    expect_error(
+        DataConfig(source=str(tmp_path / "d")), "no file for split 'validation'", "dev.tsv" if False else "validation.tsv", "found: train.tsv"
+    )
 
 
 def test_non_utf8_file(tmp_path):
@@ -152,7 +154,9 @@ def test_a_file_as_source(tmp_path):
 
 
 def test_hub_name_offline_says_how_to_point_at_a_local_copy():
-    expect_error(DataConfig(source="stanfordnlp/sst2"), "'stanfordnlp/sst2' is not a local path", "HF_HUB_OFFLINE=1", "point data.source at a local copy")
+    expect_error(
+        DataConfig(source="stanfordnlp/sst2"), "'stanfordnlp/sst2' is not a local path", "HF_HUB_OFFLINE=1", "point data.source at a local copy"
+    )
 
 
 def test_labels_are_int64_ids():

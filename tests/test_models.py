@@ -11,7 +11,7 @@ def test_scratch_model_and_tokenizer_are_deterministic():
     texts = demo_splits().train.texts
     a, b = tiny_classifier(texts, seed=1), tiny_classifier(texts, seed=1)
     assert tokenizer_fingerprint(a.tokenizer) == tokenizer_fingerprint(b.tokenizer)
-    assert all(torch.equal(x, y) for x, y in zip(a.model.state_dict().values(), b.model.state_dict().values()))
+    assert all(torch.equal(x, y) for x, y in zip(a.model.state_dict().values(), b.model.state_dict().values(), strict=True))
     ids = a.tokenizer("the film was great")["input_ids"]
     assert ids[0] == a.tokenizer.cls_token_id and ids[-1] == a.tokenizer.sep_token_id
     assert a.model.config.id2label == {0: "negative", 1: "positive"}
@@ -35,7 +35,9 @@ def test_folder_that_is_not_a_model(tmp_path):
 def test_missing_folder_and_offline_hub_name(tmp_path):
     with pytest.raises(KDError, match="does not exist"):
         load_classifier("student", ModelConfig(name_or_path="./no-such-model"), LABELS, [], 64, 0)
-    with pytest.raises(KDError, match="'bert-base-uncased' is not a local folder and the Hugging Face Hub is offline .* point student.name_or_path at a local copy"):
+    with pytest.raises(
+        KDError, match="'bert-base-uncased' is not a local folder and the Hugging Face Hub is offline .* point student.name_or_path at a local copy"
+    ):
         load_classifier("student", ModelConfig(name_or_path="bert-base-uncased"), LABELS, [], 64, 0)
 
 
@@ -49,7 +51,10 @@ def test_max_length_above_model_limit(tmp_path):
 
 
 def test_cut_from_teacher_copies_chosen_layers():
-    teacher = tiny_classifier(demo_splits().train.texts, cfg=ModelConfig(name_or_path="scratch", hidden_size=32, num_layers=4, num_heads=2, intermediate_size=64, vocab_size=200))
+    teacher = tiny_classifier(
+        demo_splits().train.texts,
+        cfg=ModelConfig(name_or_path="scratch", hidden_size=32, num_layers=4, num_heads=2, intermediate_size=64, vocab_size=200),
+    )
     student = cut_from_teacher(teacher, (1, 3))
     assert student.model.config.num_hidden_layers == 2
     assert teacher.model.config.num_hidden_layers == 4

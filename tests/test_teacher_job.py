@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -53,7 +54,7 @@ def test_mlflow_run_teacher_registers_caches_logits_and_predicts(tmp_path):
     # The cached logits: keyed by this version and the data, one row per example, eval mode.
     artifact = run.data.tags["kd.teacher_logits"]
     folder = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=artifact, dst_path=str(tmp_path / "dl"))
-    key = json.load(open(f"{folder}/key.json"))
+    key = json.loads(Path(folder, "key.json").read_text())
     cfg = build_config(SMOKE, parse_overrides(FAST))
     splits = load_splits(cfg.data)
     assert key["teacher_version"] == str(version.version)
@@ -151,7 +152,23 @@ def test_bad_data_and_model_folders(tmp_path, capsys):
 
 
 def test_bad_input_under_mlflow_run_exits_non_zero_with_one_message(tmp_path):
-    command = [sys.executable, "-m", "mlflow", "run", str(ROOT), "-e", "teacher", "--env-manager", "local", "--experiment-name", "smoke", "-P", f"experiment={SMOKE}", "-P", "train.learning_rate=-1"]
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "run",
+        str(ROOT),
+        "-e",
+        "teacher",
+        "--env-manager",
+        "local",
+        "--experiment-name",
+        "smoke",
+        "-P",
+        f"experiment={SMOKE}",
+        "-P",
+        "train.learning_rate=-1",
+    ]
     done = subprocess.run(command, env=subprocess_env(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0
     assert "error: config: train.learning_rate = -1.0 is out of range; expected a number > 0" in done.stderr

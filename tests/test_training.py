@@ -18,7 +18,14 @@ def run(tmp_path, cfg=CFG, **kwargs):
     train = batching.encode(splits.train, clf.tokenizer, 64, tmp_path)
     dev = batching.encode(splits.eval, clf.tokenizer, 64, tmp_path)
     pad = clf.tokenizer.pad_token_id
-    result = fit(clf.model, batching.train_loader(train, pad, cfg.batch_size, cfg.seed), batching.eval_loader(dev, pad, cfg.eval_batch_size), dev.labels, cfg, **kwargs)
+    result = fit(
+        clf.model,
+        batching.train_loader(train, pad, cfg.batch_size, cfg.seed),
+        batching.eval_loader(dev, pad, cfg.eval_batch_size),
+        dev.labels,
+        cfg,
+        **kwargs,
+    )
     return result, clf, dev
 
 
