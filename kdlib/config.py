@@ -20,6 +20,7 @@ import yaml
 from kdlib.errors import KDError
 
 MIXED_PRECISION = ("bf16", "fp16", "no")
+PRUNERS = ("median", "hyperband", "none")
 
 
 class ConfigRangeError(KDError):
@@ -110,6 +111,67 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class DistillConfig:
+    # Hinton et al. (2015) and DistilBERT use T in 1..20 and weight the soft targets heavily.
+    temperature: float = 4.0
+    alpha: float = 0.5
+    # The student's own training settings; the sweep samples some of them per trial.
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(learning_rate=1e-4))
+
+    def __post_init__(self) -> None:
+        _check(self.temperature > 0, "temperature", "a number > 0", self.temperature)
+        _check(0 <= self.alpha <= 1, "alpha", "a number in [0, 1]", self.alpha)
+
+
+@dataclass(frozen=True)
+class SearchParam:
+    """One searched setting: a range (``low``..``high``, ``log`` scale) or a list of ``choices``."""
+
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    choices: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.choices:
+            _check(self.low is not None and self.high is not None, "low", "low and high (or choices)", (self.low, self.high))
+            _check(self.low <= self.high, "high", f"a number >= low ({self.low})", self.high)
+            _check(not self.log or self.low > 0, "low", "a number > 0 on a log scale", self.low)
+
+
+def _default_space() -> dict[str, SearchParam]:
+    return {
+        "distill.temperature": SearchParam(1.0, 20.0, log=True),
+        "distill.alpha": SearchParam(0.0, 1.0),
+        "distill.train.learning_rate": SearchParam(1e-5, 3e-4, log=True),
+        "distill.train.epochs": SearchParam(1, 5),
+    }
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    n_trials: int = 30
+    timeout: float | None = None  # seconds for this worker; None: until n_trials are done
+    study_name: str | None = None  # None: "<experiment name>-sweep"
+    # None: an Optuna journal file next to the MLflow store; or any Optuna storage URL
+    # (postgresql://... for several workers or machines).
+    storage: str | None = None
+    pruner: str = "median"
+    seed: int = 0
+    # Keep model weights of only the best k finished trials (None: every finished trial keeps them).
+    keep_best_k: int | None = None
+    # Config keys (dotted) -> their search range. Narrow any of them or add any distill setting.
+    space: dict[str, SearchParam] = field(default_factory=_default_space)
+
+    def __post_init__(self) -> None:
+        _check(self.n_trials >= 1, "n_trials", "an integer >= 1", self.n_trials)
+        _check(self.timeout is None or self.timeout > 0, "timeout", "a number of seconds > 0 or null", self.timeout)
+        _check(self.pruner in PRUNERS, "pruner", f"one of {PRUNERS}", self.pruner)
+        _check(self.keep_best_k is None or self.keep_best_k >= 1, "keep_best_k", "an integer >= 1 or null", self.keep_best_k)
+        _check(bool(self.space), "space", "at least one searched setting", self.space)
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     # Names the MLflow experiment and the registered models (<name>-teacher, <name>-student).
     name: str = "sst2-bert"
@@ -117,6 +179,8 @@ class ExperimentConfig:
     teacher: ModelConfig = field(default_factory=ModelConfig)
     student: ModelConfig = field(default_factory=lambda: ModelConfig(name_or_path="bert-base-uncased"))
     train: TrainConfig = field(default_factory=TrainConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
     # Tokenized datasets and generated data live here, keyed by content.
     cache_dir: str = ".kdcache"
 
@@ -180,7 +244,10 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
         key = f"{prefix}{name}"
         if name not in names:
             raise KDError(f"config: unknown key {key!r}; expected one of {sorted(prefix + n for n in names)}")
-        if _is_config(hints[name]):
+        if typing.get_origin(hints[name]) is dict:
+            default = next(f for f in dataclasses.fields(cls) if f.name == name).default_factory()
+            kwargs[name] = _build_mapping(typing.get_args(hints[name])[1], default, value, key)
+        elif _is_config(hints[name]):
             if not isinstance(value, dict):
                 raise KDError(f"config: {key} = {value!r} has the wrong type; expected a mapping of its fields")
             kwargs[name] = _build(hints[name], value, f"{key}.")
@@ -190,6 +257,35 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
         return cls(**kwargs)
     except ConfigRangeError as exc:
         raise ConfigRangeError(f"{prefix}{exc.key}", exc.expected, exc.value) from None
+
+
+def _entries(value: Any, fields: set[str], key: str, prefix: str = "") -> dict[str, dict | None]:
+    """Flatten nested mappings (dotted overrides arrive nested) down to entries holding ``fields``."""
+    if not isinstance(value, dict):
+        raise KDError(f"config: {key} = {value!r} has the wrong type; expected a mapping")
+    out: dict[str, dict | None] = {}
+    for name, entry in value.items():
+        path = f"{prefix}{name}"
+        if entry is None:
+            out[path] = None
+        elif not isinstance(entry, dict):
+            raise KDError(f"config: {key}.{path} = {entry!r} has the wrong type; expected a mapping of {sorted(fields)}")
+        elif set(entry) <= fields:
+            out[path] = {**(out.get(path) or {}), **entry}
+        else:
+            out.update(_entries(entry, fields, key, f"{path}."))
+    return out
+
+
+def _build_mapping(cls: type, default: dict[str, Any], value: Any, key: str) -> dict[str, Any]:
+    """Entries from YAML/overrides update the default entries field by field; ``null`` removes one."""
+    merged = {name: dataclasses.asdict(entry) for name, entry in default.items()}
+    for name, raw in _entries(value, {f.name for f in dataclasses.fields(cls)}, key).items():
+        if raw is None:
+            merged.pop(name, None)
+        else:
+            merged[name] = {**merged.get(name, {}), **raw}
+    return {name: _build(cls, raw, f"{key}.{name}.") for name, raw in merged.items()}
 
 
 def _nest(overrides: dict[str, str]) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from kdlib import batching, logits_cache, tracking
 from kdlib.config import ExperimentConfig
 from kdlib.data import load_splits
 from kdlib.models import load_classifier, tokenizer_fingerprint
-from kdlib.training import fit, make_accelerator, predict_logits
+from kdlib.training import classification_metrics, fit, make_accelerator, predict_logits
 
 METRIC = "dev_accuracy"
 
@@ -57,7 +57,7 @@ def run_teacher(cfg: ExperimentConfig) -> TeacherResult:
             classifier.model,
             batching.train_loader(train, pad, cfg.train.batch_size, cfg.train.seed),
             batching.eval_loader(dev, pad, cfg.train.eval_batch_size),
-            dev.labels,
+            lambda logits: classification_metrics(logits, dev.labels),
             cfg.train,
             on_epoch_end=tracking.log_epoch,
         )

@@ -29,6 +29,8 @@ Batch = dict[str, torch.Tensor]
 # (logits [batch, labels], batch) -> (loss to minimise, named parts to report, e.g. KD and CE terms)
 LossFn = Callable[[torch.Tensor, Batch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 EpochCallback = Callable[[int, dict[str, float]], None]
+# dev logits [n, labels] in example order -> named dev metrics (at least "accuracy" and "loss")
+EvalFn = Callable[[np.ndarray], dict[str, float]]
 
 
 def cross_entropy(logits: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -95,7 +97,7 @@ def fit(
     model: PreTrainedModel,
     train_loader: torch.utils.data.DataLoader,
     eval_loader: torch.utils.data.DataLoader,
-    eval_labels: np.ndarray,
+    evaluate: EvalFn,
     cfg: TrainConfig,
     loss_fn: LossFn = cross_entropy,
     on_epoch_end: EpochCallback | None = None,
@@ -144,12 +146,11 @@ def fit(
         seconds = time.perf_counter() - started
         if not math.isfinite(train_loss):
             raise NonFiniteLoss(f"training loss became {train_loss} in epoch {epoch}")
-        evaluation = classification_metrics(predict_logits(model, eval_loader, accelerator), eval_labels)
+        evaluation = evaluate(predict_logits(model, eval_loader, accelerator))
         metrics = {
             "train_loss": train_loss,
             **{f"train_{name}": float(value) / len(train_loader) for name, value in part_sums.items()},
-            "dev_accuracy": evaluation["accuracy"],
-            "dev_loss": evaluation["loss"],
+            **{f"dev_{name}": value for name, value in evaluation.items()},
             "train_examples_per_s": examples * accelerator.num_processes / seconds,
             "train_seconds": seconds,
         }

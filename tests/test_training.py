@@ -22,7 +22,7 @@ def run(tmp_path, cfg=CFG, **kwargs):
         clf.model,
         batching.train_loader(train, pad, cfg.batch_size, cfg.seed),
         batching.eval_loader(dev, pad, cfg.eval_batch_size),
-        dev.labels,
+        lambda logits: classification_metrics(logits, dev.labels),
         cfg,
         **kwargs,
     )
