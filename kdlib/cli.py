@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 
 from kdlib.config import ExperimentConfig, build_config, parse_overrides
 from kdlib.errors import KDError
@@ -15,7 +16,7 @@ from kdlib.errors import KDError
 DEFAULT_EXPERIMENT = "experiments/sst2-bert.yaml"
 
 
-def _teacher(cfg: ExperimentConfig) -> None:
+def teacher_job(cfg: ExperimentConfig) -> None:
     from kdlib.teacher import run_teacher
 
     result = run_teacher(cfg)
@@ -25,25 +26,41 @@ def _teacher(cfg: ExperimentConfig) -> None:
     print(f"see it with: mlflow ui   (load it: mlflow.pyfunc.load_model('models:/{result.model_name}@champion'))")
 
 
+def _distill(cfg: ExperimentConfig) -> None:
+    from kdlib.distill import run_distill, student_model_name
+
+    result, version, promoted = run_distill(cfg)
+    status = "now the champion" if promoted else "champion unchanged (the current champion is at least as accurate)"
+    print(f"student: dev accuracy {result.dev_accuracy:.4f}; registered {student_model_name(cfg)} version {version}, {status}")
+
+
 JOBS = {
-    "teacher": _teacher,
-    # The whole pipeline; for now the pipeline is the teacher.
-    "main": _teacher,
+    "teacher": teacher_job,
+    "distill": _distill,
 }
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kdlib", description="BERT knowledge-distillation jobs tracked in MLflow.")
-    parser.add_argument("job", choices=sorted(JOBS))
+def run(prog: str, jobs: dict[str, Callable[[ExperimentConfig], None]], argv: list[str] | None, aliases: dict[str, str] | None = None) -> int:
+    """Parse ``<job> [--experiment FILE] [overrides]``, build the config, run the job; KDError -> one line, exit 2.
+
+    ``aliases`` map short override names to config keys (``n_trials`` -> ``search.n_trials``).
+    """
+    parser = argparse.ArgumentParser(prog=prog, description="BERT knowledge-distillation jobs tracked in MLflow.")
+    parser.add_argument("job", choices=sorted(jobs))
     parser.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help=f"experiment YAML (default {DEFAULT_EXPERIMENT})")
     args, rest = parser.parse_known_args(argv)
     try:
-        cfg = build_config(args.experiment, parse_overrides(rest))
-        JOBS[args.job](cfg)
+        overrides = {(aliases or {}).get(key, key): value for key, value in parse_overrides(rest).items()}
+        cfg = build_config(args.experiment, overrides)
+        jobs[args.job](cfg)
     except KDError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run("python -m kdlib", JOBS, argv)
 
 
 if __name__ == "__main__":

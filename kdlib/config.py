@@ -158,8 +158,6 @@ class SearchConfig:
     storage: str | None = None
     pruner: str = "median"
     seed: int = 0
-    # Keep model weights of only the best k finished trials (None: every finished trial keeps them).
-    keep_best_k: int | None = None
     # Config keys (dotted) -> their search range. Narrow any of them or add any distill setting.
     space: dict[str, SearchParam] = field(default_factory=_default_space)
 
@@ -167,7 +165,6 @@ class SearchConfig:
         _check(self.n_trials >= 1, "n_trials", "an integer >= 1", self.n_trials)
         _check(self.timeout is None or self.timeout > 0, "timeout", "a number of seconds > 0 or null", self.timeout)
         _check(self.pruner in PRUNERS, "pruner", f"one of {PRUNERS}", self.pruner)
-        _check(self.keep_best_k is None or self.keep_best_k >= 1, "keep_best_k", "an integer >= 1 or null", self.keep_best_k)
         _check(bool(self.space), "space", "at least one searched setting", self.space)
 
 
@@ -357,6 +354,24 @@ def build_config(experiment_file: str | Path | None = None, overrides: dict[str,
         return _build(ExperimentConfig, values, "")
     except TypeError as exc:  # a dataclass constructor rejected a value the coercion let through
         raise KDError(f"config: {exc}") from None
+
+
+def field_type(dotted: str) -> Any:
+    """The declared type of a dotted config key, e.g. ``distill.train.epochs`` -> int."""
+    cls: Any = ExperimentConfig
+    for part in dotted.split("."):
+        hints = typing.get_type_hints(cls) if _is_config(cls) else {}
+        if part not in hints:
+            raise KDError(f"config: unknown key {dotted!r}")
+        cls = hints[part]
+    if _is_config(cls) or typing.get_origin(cls) is dict:
+        raise KDError(f"config: {dotted!r} is a section, not a setting")
+    return cls
+
+
+def replace(cfg: ExperimentConfig, overrides: dict[str, Any]) -> ExperimentConfig:
+    """``cfg`` with dotted-key overrides applied and validated like any other."""
+    return _build(ExperimentConfig, _merge(dataclasses.asdict(cfg), _nest(overrides)), "")
 
 
 def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:

@@ -41,15 +41,21 @@ def write(folder: Path, key: LogitsKey, train: np.ndarray, dev: np.ndarray) -> P
     return target
 
 
-def read(folder: Path, expected: LogitsKey) -> tuple[np.ndarray, np.ndarray]:
-    """The cached (train, dev) logits, after checking they were made for ``expected``."""
+def read(folder: Path, expected: dict[str, str | int]) -> tuple[np.ndarray, np.ndarray]:
+    """The cached (train, dev) logits, after checking the ``expected`` fields of their key.
+
+    Students check the teacher and the data (fingerprints cover every example and their order);
+    the tokenizer and max length describe how the teacher read them, which a student need not share.
+    """
     try:
         stored = LogitsKey(**json.loads((folder / "key.json").read_text()))
     except (OSError, TypeError, ValueError) as exc:
         raise KDError(f"teacher logits cache at {folder} is missing or unreadable ({exc}); rerun the teacher entry point") from None
-    mismatched = {k: (v, getattr(expected, k)) for k, v in asdict(stored).items() if v != getattr(expected, k)}
+    mismatched = {k: (getattr(stored, k), v) for k, v in expected.items() if getattr(stored, k) != v}
     if mismatched:
         detail = "; ".join(f"{k}: cached {a!r}, needed {b!r}" for k, (a, b) in mismatched.items())
-        raise KDError(f"teacher logits cache at {folder} was made for other inputs ({detail}); rerun the teacher entry point on this data")
+        raise KDError(
+            f"teacher logits cache at {folder} was made for other inputs ({detail}); rerun the teacher entry point on this data (same data.source, splits and max_*_examples)"
+        )
     arrays = np.load(folder / "logits.npz")
     return arrays["train"], arrays["dev"]

@@ -23,10 +23,12 @@ from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, Schema
 
 from kdlib.config import flatten
+from kdlib.errors import KDError
 from kdlib.models import Classifier
 
 CHAMPION = "champion"
 SERVING_CODE = Path(__file__).with_name("serving.py")
+HF_MODEL = "hf_model"  # the artifact key serving.py reads
 # A run started by `mlflow run` hands its id to the command through this variable.
 LAUNCHER_RUN = "MLFLOW_RUN_ID"
 
@@ -82,12 +84,13 @@ def log_classifier(classifier: Classifier, max_length: int, name: str = "model")
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         # The signature above is explicit; MLflow's advice to add type hints or an example does not apply.
         warnings.filterwarnings("ignore", message=".*(Add type hints|An input example was not provided)")
-        classifier.model.save_pretrained(tmp)
-        classifier.tokenizer.save_pretrained(tmp)
+        folder = Path(tmp) / HF_MODEL  # the folder's name is kept inside the logged model
+        classifier.model.save_pretrained(folder)
+        classifier.tokenizer.save_pretrained(folder)
         info = mlflow.pyfunc.log_model(
             name=name,
             python_model=str(SERVING_CODE),
-            artifacts={"hf_model": tmp},
+            artifacts={HF_MODEL: str(folder)},
             model_config={"max_length": max_length},
             signature=signature,
             pip_requirements=_requirements(),
@@ -107,8 +110,9 @@ def champion_metric(model_name: str, metric: str) -> tuple[str | None, float | N
 
 
 @contextlib.contextmanager
-def registered_version(model_uri: str, model_name: str) -> Iterator[str]:
-    """Register ``model_uri``; if the block raises, delete the new version so the registry is unchanged."""
+def registered_version(model_uri: str, model_name: str, run_id: str | None = None) -> Iterator[str]:
+    """Register ``model_uri`` (logged by ``run_id``, default the active run); if the block raises,
+    delete the new version so the registry is unchanged."""
     client = MlflowClient()
     try:
         client.get_registered_model(model_name)
@@ -116,7 +120,7 @@ def registered_version(model_uri: str, model_name: str) -> Iterator[str]:
     except MlflowException:
         client.create_registered_model(model_name)
         created_model = True
-    version = client.create_model_version(model_name, model_uri, run_id=mlflow.active_run().info.run_id).version
+    version = client.create_model_version(model_name, model_uri, run_id=run_id or mlflow.active_run().info.run_id).version
     try:
         yield str(version)
     except BaseException:
@@ -144,3 +148,21 @@ def promote_if_better(model_name: str, version: str, metric: str, value: float) 
         }
     )
     return promoted
+
+
+def champion_version(model_name: str, hint: str):
+    """The registered version holding ``champion``; a KDError that says what to run when there is none."""
+    try:
+        return MlflowClient().get_model_version_by_alias(model_name, CHAMPION)
+    except MlflowException:
+        raise KDError(f"no registered model {model_name!r} with alias {CHAMPION!r} in the MLflow store {mlflow.get_tracking_uri()}; {hint}") from None
+
+
+def download_run_artifact(run_id: str, path: str, dst: str) -> Path:
+    return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=dst))
+
+
+def download_hf_model(model_name: str, version: str, dst: str) -> Path:
+    """The Hugging Face folder (weights, config, tokenizer) inside a registered classifier."""
+    root = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{model_name}/{version}", dst_path=dst))
+    return root / "artifacts" / HF_MODEL

@@ -1,0 +1,97 @@
+"""Distil one student from the cached teacher logits (no MLflow run here: callers own the run).
+
+``prepare`` does the work every trial shares (data, the teacher's cached logits, the teacher's
+weights when the student is cut from them, tokenization) once; ``train_student`` builds a fresh
+student and trains it with the KD loss. The teacher never runs during student training.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from kdlib import batching, logits_cache, tracking
+from kdlib.config import ExperimentConfig, ModelConfig
+from kdlib.data import Splits, load_splits
+from kdlib.errors import KDError
+from kdlib.losses import kd_loss
+from kdlib.models import Classifier, cut_from_teacher, load_classifier
+from kdlib.teacher import teacher_model_name
+from kdlib.training import EpochCallback, FitResult, classification_metrics, fit
+
+
+@dataclass
+class StudentData:
+    splits: Splits
+    teacher_version: str
+    teacher_run_id: str
+    teacher_train_logits: np.ndarray  # [n_train, labels], eval-mode teacher
+    teacher_dev_logits: np.ndarray  # [n_dev, labels]
+    template: Classifier  # the untrained student every trial starts from (copied, never trained)
+    train: batching.Encoded
+    dev: batching.Encoded
+
+
+def prepare(cfg: ExperimentConfig, workdir: str) -> StudentData:
+    """Load data, the champion teacher's logits and the initial student; refuse mismatched logits."""
+    splits = load_splits(cfg.data)
+    name = teacher_model_name(cfg)
+    hint = f"run the teacher entry point first: mlflow run . -e teacher --env-manager local -P experiment=<this experiment file> (experiment name {cfg.name!r})"
+    version = tracking.champion_version(name, hint)
+    run = tracking.MlflowClient().get_run(version.run_id)
+    artifact = run.data.tags.get("kd.teacher_logits")
+    if not artifact:
+        raise KDError(f"teacher {name} version {version.version} (run {version.run_id}) has no cached logits; rerun the teacher entry point")
+    folder = tracking.download_run_artifact(version.run_id, artifact, workdir)
+    expected = {
+        "teacher_model": name,
+        "teacher_version": str(version.version),
+        "train_fingerprint": splits.train.fingerprint,
+        "dev_fingerprint": splits.eval.fingerprint,
+    }
+    train_logits, dev_logits = logits_cache.read(folder, expected)
+    if cfg.student.teacher_layers:
+        hf_dir = tracking.download_hf_model(name, str(version.version), workdir)
+        teacher = load_classifier(
+            "teacher", ModelConfig(name_or_path=str(hf_dir)), cfg.data.label_names, [], cfg.data.max_length, cfg.distill.train.seed
+        )
+        template = cut_from_teacher(teacher, cfg.student.teacher_layers)
+    else:
+        template = load_classifier("student", cfg.student, cfg.data.label_names, splits.train.texts, cfg.data.max_length, cfg.distill.train.seed)
+    train = batching.encode(splits.train, template.tokenizer, cfg.data.max_length, cfg.cache_dir)
+    dev = batching.encode(splits.eval, template.tokenizer, cfg.data.max_length, cfg.cache_dir)
+    return StudentData(splits, str(version.version), version.run_id, train_logits, dev_logits, template, train, dev)
+
+
+def student_metrics(logits: np.ndarray, labels: np.ndarray, teacher_logits: np.ndarray) -> dict[str, float]:
+    """Accuracy and loss on the labels, and agreement: the share of examples where student and teacher predict the same label."""
+    return {**classification_metrics(logits, labels), "agreement": float((logits.argmax(1) == teacher_logits.argmax(1)).mean())}
+
+
+def train_student(cfg: ExperimentConfig, data: StudentData, on_epoch_end: EpochCallback | None = None) -> tuple[Classifier, FitResult]:
+    """A fresh copy of the initial student, trained with the KD loss at ``cfg.distill``'s settings."""
+    distill, train_cfg = cfg.distill, cfg.distill.train
+    teacher_logits = torch.from_numpy(data.teacher_train_logits)
+
+    def loss_fn(logits: torch.Tensor, batch: dict[str, torch.Tensor]):
+        # Soft targets for exactly this batch's examples: [batch, labels], gathered by example index.
+        targets = teacher_logits[batch["index"].cpu()].to(logits.device)
+        loss, kl, ce = kd_loss(logits, targets, batch["labels"], distill.temperature, distill.alpha)
+        return loss, {"kd_loss": kl, "ce_loss": ce}
+
+    student = Classifier(data.template.tokenizer, copy.deepcopy(data.template.model))
+    pad = student.tokenizer.pad_token_id
+    result = fit(
+        student.model,
+        batching.train_loader(data.train, pad, train_cfg.batch_size, train_cfg.seed),
+        batching.eval_loader(data.dev, pad, train_cfg.eval_batch_size),
+        lambda logits: student_metrics(logits, data.dev.labels, data.teacher_dev_logits),
+        train_cfg,
+        loss_fn=loss_fn,
+        on_epoch_end=on_epoch_end,
+    )
+    student.model = result.model
+    return student, result

@@ -1,0 +1,1 @@
+"""Optuna sweeps over the student's distillation settings (imports kdlib, never the reverse)."""
