@@ -62,7 +62,10 @@ def job_run(experiment: str, run_name: str, tags: dict[str, str]) -> Iterator[ml
 
 
 def log_config(cfg: Any, extra: dict[str, Any]) -> None:
-    mlflow.log_params({**flatten(cfg), **extra})
+    # `mlflow run -P key=value` already logged its parameters on the launcher's run, and MLflow
+    # refuses to log a param twice: keep those (they hold the same setting as the user typed it).
+    logged = mlflow.get_run(mlflow.active_run().info.run_id).data.params
+    mlflow.log_params({k: v for k, v in {**flatten(cfg), **extra}.items() if k not in logged})
 
 
 def log_epoch(epoch: int, metrics: dict[str, float]) -> None:

@@ -13,6 +13,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from kdlib import teacher as teacher_job
+from kdlib import tracking
 from kdlib.cli import main
 from kdlib.config import build_config, parse_overrides
 from kdlib.data import load_splits
@@ -34,7 +35,8 @@ def assert_nothing_half_made(client: MlflowClient):
 
 @pytest.mark.e2e
 def test_mlflow_run_teacher_registers_caches_logits_and_predicts(tmp_path):
-    command = [sys.executable, "-m", "mlflow", "run", str(ROOT), "-e", "teacher", "--env-manager", "local", "-P", f"experiment={SMOKE}"]
+    # As the README runs it: the launcher's run is the job's run, and it already holds the -P params.
+    command = [sys.executable, "-m", "mlflow", "run", str(ROOT), "-e", "teacher", "--env-manager", "local", "--experiment-name", "smoke", "-P", f"experiment={SMOKE}"]
     for override in FAST:
         command += ["-P", override]
     done = subprocess.run(command, env=subprocess_env(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=600)
@@ -74,6 +76,18 @@ def test_mlflow_run_teacher_registers_caches_logits_and_predicts(tmp_path):
     assert np.allclose(on_dev[["prob_negative", "prob_positive"]].to_numpy(), expected, atol=1e-4)
     assert on_dev["label"].tolist() == [["negative", "positive"][i] for i in expected.argmax(1)]
     assert np.allclose(on_dev["score"], expected.max(1), atol=1e-4)
+
+
+def test_launcher_run_in_another_experiment_points_to_the_job_run(monkeypatch):
+    launcher = MlflowClient().create_run("0").info.run_id  # what `mlflow run` opens in "Default"
+    monkeypatch.setenv("MLFLOW_RUN_ID", launcher)
+    with tracking.job_run("smoke", "teacher", {"kd.role": "teacher"}) as run:
+        pass
+    client = MlflowClient()
+    assert client.get_experiment(run.info.experiment_id).name == "smoke"
+    assert run.info.run_id != launcher
+    assert client.get_run(launcher).data.tags["kd.run_id"] == run.info.run_id
+    assert client.get_run(run.info.run_id).info.status == "FINISHED"
 
 
 def test_worse_teacher_leaves_the_champion_alias(tmp_path):

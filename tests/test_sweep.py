@@ -1,0 +1,164 @@
+"""Distill and sweep on the smoke experiment: tracking, pruning, resume, NaN trials, champion gating."""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from kdlib import student as student_module
+from kdlib.config import build_config, parse_overrides
+from kdlib.distill import run_distill
+from kdlib.errors import KDError
+from kdlib.teacher import run_teacher
+from search import space
+from search.__main__ import ALIASES
+from search.sweep import make_storage, run_sweep
+from tests.conftest import SMOKE
+
+BASE = ["data.max_eval_examples=200", "train.epochs=3"]
+
+
+def config(*overrides: str):
+    raw = parse_overrides([*BASE, *overrides])
+    return build_config(SMOKE, {ALIASES.get(k, k): v for k, v in raw.items()})
+
+
+@pytest.fixture(scope="module")
+def teacher_store(tmp_path_factory):
+    """One smoke teacher per module; each test gets its own copy of the store (artifacts are shared, read-only)."""
+    folder = tmp_path_factory.mktemp("teacher")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{folder / 'mlflow.db'}")
+        mp.chdir(folder)
+        run_teacher(config())
+    return folder / "mlflow.db"
+
+
+@pytest.fixture
+def with_teacher(teacher_store, tmp_path):
+    shutil.copy(teacher_store, tmp_path / "mlflow.db")
+
+
+def trials(study_name: str, storage: str | None = None):
+    store, _ = make_storage(storage or str(Path.cwd() / "optuna-journal.log"))
+    return optuna.load_study(study_name=study_name, storage=store).get_trials()
+
+
+def children(parent_id: str):
+    client = MlflowClient()
+    runs = client.search_runs([client.get_run(parent_id).info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}' and tags.`kd.role` = 'student-trial'")
+    return sorted(runs, key=lambda r: int(r.data.tags["optuna.trial"]))
+
+
+def test_search_space_validation():
+    with pytest.raises(KDError, match="search.space.train.learning_rate is not a student setting"):
+        space.validate(config("search.space.train.learning_rate.low=1e-5", "search.space.train.learning_rate.high=1e-4"))
+    with pytest.raises(KDError, match=r"alpha = 2.0 is out of range; expected a number in \[0, 1\]"):
+        space.validate(config("search.space.distill.alpha.high=2"))
+    params = space.suggest(optuna.trial.FixedTrial({"distill.temperature": 2.0, "distill.alpha": 0.5, "distill.train.learning_rate": 1e-4, "distill.train.epochs": 2}), config())
+    assert params["distill.train.epochs"] == 2 and isinstance(params["distill.train.epochs"], int)
+
+
+def test_distill_needs_a_teacher_and_matching_logits(with_teacher, tmp_path):
+    result, version, promoted = run_distill(config("distill.train.epochs=2"))
+    assert promoted and version == "1"
+    run = MlflowClient().get_run(result.run_id)
+    for metric in ("dev_accuracy", "dev_loss", "train_kd_loss", "train_ce_loss", "dev_agreement", "train_examples_per_s"):
+        assert len(MlflowClient().get_metric_history(result.run_id, metric)) == 2, metric
+    assert run.data.params["distill.temperature"] == "4.0"
+    with pytest.raises(KDError, match="was made for other inputs .*train_fingerprint"):
+        run_distill(config("data.max_train_examples=1000"))
+    with pytest.raises(KDError, match="no registered model 'other-teacher' with alias 'champion'.*run the teacher entry point first"):
+        run_distill(config("name=other"))
+
+
+def test_sweep_tracks_every_trial_prunes_and_registers_the_best(with_teacher):
+    cfg = config("n_trials=6", "search.space.distill.train.epochs.low=3", "search.space.distill.train.learning_rate.low=1e-6")
+    result = run_sweep(cfg)
+    assert result.finished == 6
+    states = [t.state for t in trials("smoke-sweep")]
+    assert states.count(TrialState.PRUNED) >= 1 and states.count(TrialState.COMPLETE) >= 2
+
+    runs = children(result.run_id)
+    assert len(runs) == 6
+    client = MlflowClient()
+    for run, trial in zip(runs, trials("smoke-sweep"), strict=True):
+        assert run.info.status == "FINISHED"
+        assert float(run.data.params["distill.alpha"]) == pytest.approx(trial.params["distill.alpha"])
+        epochs = len(client.get_metric_history(run.info.run_id, "dev_accuracy"))
+        if trial.state == TrialState.PRUNED:
+            assert run.data.tags["optuna.pruned"] == "true"
+            assert epochs < trial.params["distill.train.epochs"]
+        else:
+            assert epochs == trial.params["distill.train.epochs"]
+            assert client.get_run(run.info.run_id).outputs.model_outputs  # its model was logged
+
+    best = max((t for t in trials("smoke-sweep") if t.state == TrialState.COMPLETE), key=lambda t: t.value)
+    assert result.best_value == best.value
+    parent = client.get_run(result.run_id)
+    assert parent.data.metrics["best_dev_accuracy"] == pytest.approx(best.value)
+    champion = client.get_model_version_by_alias("smoke-student", "champion")
+    assert champion.run_id == best.user_attrs["mlflow_run_id"]
+    assert parent.data.tags["champion.promoted"] == "true"
+
+    predictions = mlflow.pyfunc.load_model("models:/smoke-student@champion").predict(["a gorgeous, witty film", "a tedious mess"])
+    assert list(predictions.columns) == ["label", "score", "prob_negative", "prob_positive"]
+    assert np.allclose(predictions[["prob_negative", "prob_positive"]].sum(axis=1), 1.0)
+
+
+def test_rerun_resumes_and_runs_only_missing_trials(with_teacher):
+    first = run_sweep(config("n_trials=2"))
+    second = run_sweep(config("n_trials=3"))
+    third = run_sweep(config("n_trials=3"))
+    numbers = [t.number for t in trials("smoke-sweep")]
+    assert numbers == [0, 1, 2]
+    assert first.finished == 2 and second.finished == 3 and third.finished == 3
+    assert len(children(first.run_id)) == 2 and len(children(second.run_id)) == 1 and children(third.run_id) == []
+    client = MlflowClient()
+    # Resumed workers nest under the sweep's first run: one tree in `mlflow ui`.
+    assert client.get_run(second.run_id).data.tags["mlflow.parentRunId"] == first.run_id
+
+
+def test_nan_trial_fails_cleanly_and_the_sweep_goes_on(with_teacher, monkeypatch):
+    real = student_module.kd_loss
+
+    def nan_when_alpha_high(student_logits, teacher_logits, labels, temperature, alpha):
+        loss, kl, ce = real(student_logits, teacher_logits, labels, temperature, alpha)
+        return (loss * math.nan if alpha > 0.6 else loss), kl, ce
+
+    monkeypatch.setattr(student_module, "kd_loss", nan_when_alpha_high)
+    result = run_sweep(config("n_trials=3", "pruner=none"))
+    done = trials("smoke-sweep")
+    failed = [t for t in done if t.state == TrialState.FAIL]
+    assert failed, "seed 0 samples alpha > 0.6 within the first trials"
+    assert all(t.params["distill.alpha"] > 0.6 for t in failed)
+    assert result.finished == 3 == sum(t.state == TrialState.COMPLETE for t in done)
+    client = MlflowClient()
+    for t in failed:
+        assert client.get_run(t.user_attrs["mlflow_run_id"]).info.status == "FAILED"
+
+
+def test_worse_sweep_leaves_the_student_champion(with_teacher):
+    good = run_sweep(config("n_trials=2", "study_name=good"))
+    worse = run_sweep(
+        config(
+            "n_trials=1",
+            "study_name=worse",
+            "search.space.distill.train.learning_rate.low=1e-7",
+            "search.space.distill.train.learning_rate.high=2e-7",
+            "search.space.distill.train.epochs.high=1",
+        )
+    )
+    assert worse.best_value < good.best_value and not worse.promoted
+    client = MlflowClient()
+    assert str(client.get_model_version_by_alias("smoke-student", "champion").version) == good.version
+    tags = client.get_run(worse.run_id).data.tags
+    assert tags["champion.promoted"] == "false" and tags["champion.previous_version"] == good.version
