@@ -1,0 +1,141 @@
+"""Sweep workers as separate processes: a worker killed mid-trial, and two workers sharing PostgreSQL."""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from kdlib.teacher import run_teacher
+from search.sweep import make_storage
+from tests.conftest import ROOT, SMOKE, subprocess_env
+from tests.test_sweep import config
+
+WORKER = [sys.executable, "-m", "search", "sweep", "--experiment", str(SMOKE), "data.max_eval_examples=200"]
+
+
+def wait_for(condition, timeout: float, what: str):
+    """Poll a condition of shared state (storage, process) until it holds; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.2)
+    pytest.fail(f"timed out after {timeout}s waiting for {what}")
+
+
+def all_runs():
+    client = MlflowClient()
+    return client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
+@pytest.fixture
+def teacher(tmp_path):
+    run_teacher(config())
+
+
+def test_worker_killed_mid_trial_then_same_command_again(teacher, tmp_path):
+    journal = tmp_path / "optuna-journal.log"
+    command = [*WORKER, "n_trials=3", "search.space.distill.train.epochs.low=3", "pruner=none"]
+    worker = subprocess.Popen(command, env=subprocess_env(tmp_path), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    def trial_running_with_run():
+        if not journal.exists():
+            return None
+        study = optuna.load_study(study_name="smoke-sweep", storage=make_storage(str(journal))[0])
+        running = study.get_trials(states=(TrialState.RUNNING,))
+        return running[0] if running and "mlflow_run_id" in running[0].user_attrs else None
+
+    killed = wait_for(trial_running_with_run, 300, "a trial to start in the worker")
+    worker.send_signal(signal.SIGKILL)
+    worker.wait(timeout=60)
+    assert MlflowClient().get_run(killed.user_attrs["mlflow_run_id"]).info.status == "RUNNING"  # left behind by the kill
+
+    done = subprocess.run(command, env=subprocess_env(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    study = optuna.load_study(study_name="smoke-sweep", storage=make_storage(str(journal))[0])
+    trials = study.get_trials()
+    by_state = {s: [t for t in trials if t.state == s] for s in TrialState}
+    assert [t.number for t in by_state[TrialState.FAIL]] == [killed.number]
+    assert len(by_state[TrialState.COMPLETE]) == 3
+    retried = [t for t in by_state[TrialState.COMPLETE] if t.user_attrs.get("failed_trial") == killed.number]
+    assert len(retried) == 1 and retried[0].params == killed.params
+    assert MlflowClient().get_run(killed.user_attrs["mlflow_run_id"]).info.status == "FAILED"
+    assert all(r.info.status != "RUNNING" for r in all_runs())
+    # Every finished trial ran once: one MLflow run per trial number.
+    numbers = [r.data.tags["optuna.trial"] for r in all_runs() if r.data.tags.get("kd.role") == "student-trial"]
+    assert sorted(numbers) == sorted({*numbers})
+
+
+def _postgres_bin() -> Path | None:
+    found = shutil.which("initdb") or next(iter(sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))), None)
+    return Path(found).resolve().parent if found else None
+
+
+@pytest.fixture
+def postgres_url(tmp_path):
+    """A throwaway PostgreSQL on loopback, from Debian's packages (.ci/run installs them)."""
+    bindir = _postgres_bin()
+    if bindir is None:
+        pytest.skip("PostgreSQL is not installed (apt-get install postgresql; .ci/run does)")
+    folder = tmp_path / "pg"
+    folder.mkdir()
+    # initdb and postgres refuse to run as root: run them as the postgres user Debian's package creates.
+    as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    if as_user:
+        shutil.chown(folder, "postgres")
+    subprocess.run([*as_user, str(bindir / "initdb"), "-D", str(folder / "data"), "-A", "trust", "-U", "postgres"], check=True, capture_output=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [*as_user, str(bindir / "postgres"), "-D", str(folder / "data"), "-p", str(port), "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={folder}"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    ready = ["pg_isready", "-h", "127.0.0.1", "-p", str(port)]
+    wait_for(lambda: subprocess.run(ready, capture_output=True).returncode == 0, 60, "PostgreSQL to accept connections")
+    yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/postgres"
+    server.terminate()
+    server.wait(timeout=60)
+
+
+def test_two_workers_share_one_study_in_postgresql(teacher, tmp_path, postgres_url):
+    n_trials = 4
+    command = [*WORKER, f"n_trials={n_trials}", f"storage={postgres_url}", "search.space.distill.train.epochs.high=2"]
+    env = subprocess_env(tmp_path)
+    workers = [
+        subprocess.Popen([*command, f"seed={seed}"], env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        for seed in (0, 1)
+    ]
+    for worker in workers:
+        _, err = worker.communicate(timeout=600)
+        assert worker.returncode == 0, err[-3000:]
+
+    study = optuna.load_study(study_name="smoke-sweep", storage=postgres_url)
+    trials = study.get_trials()
+    finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(finished) == n_trials
+    assert all(t.state != TrialState.RUNNING for t in trials)
+    workers_used = {t.user_attrs["worker"] for t in finished}
+    assert len(workers_used) == 2, "both workers ran trials"
+    runs = [r for r in all_runs() if r.data.tags.get("kd.role") == "student-trial"]
+    numbers = [r.data.tags["optuna.trial"] for r in runs]
+    assert len(numbers) == len(set(numbers)), "no trial ran twice"
+    assert all(r.info.status in ("FINISHED", "FAILED") for r in all_runs())
+    # One tree: the second worker's sweep run nests under the first's.
+    sweeps = [r for r in all_runs() if r.data.tags.get("kd.role") == "sweep"]
+    roots = [r for r in sweeps if "mlflow.parentRunId" not in r.data.tags]
+    assert len(sweeps) == 2 and len(roots) == 1
