@@ -39,7 +39,13 @@ def _main(cfg: ExperimentConfig) -> None:
     _sweep(cfg)
 
 
-JOBS = {"sweep": _sweep, "main": _main}
+def _bench(cfg: ExperimentConfig) -> None:
+    from search.bench import markdown, run_bench
+
+    print(markdown(run_bench(cfg)))
+
+
+JOBS = {"sweep": _sweep, "main": _main, "bench": _bench}
 
 if __name__ == "__main__":
     sys.exit(run("python -m search", JOBS, sys.argv[1:], ALIASES))

@@ -54,7 +54,9 @@ def trials(study_name: str, storage: str | None = None):
 
 def children(parent_id: str):
     client = MlflowClient()
-    runs = client.search_runs([client.get_run(parent_id).info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}' and tags.`kd.role` = 'student-trial'")
+    runs = client.search_runs(
+        [client.get_run(parent_id).info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}' and tags.`kd.role` = 'student-trial'"
+    )
     return sorted(runs, key=lambda r: int(r.data.tags["optuna.trial"]))
 
 
@@ -63,7 +65,10 @@ def test_search_space_validation():
         space.validate(config("search.space.train.learning_rate.low=1e-5", "search.space.train.learning_rate.high=1e-4"))
     with pytest.raises(KDError, match=r"alpha = 2.0 is out of range; expected a number in \[0, 1\]"):
         space.validate(config("search.space.distill.alpha.high=2"))
-    params = space.suggest(optuna.trial.FixedTrial({"distill.temperature": 2.0, "distill.alpha": 0.5, "distill.train.learning_rate": 1e-4, "distill.train.epochs": 2}), config())
+    params = space.suggest(
+        optuna.trial.FixedTrial({"distill.temperature": 2.0, "distill.alpha": 0.5, "distill.train.learning_rate": 1e-4, "distill.train.epochs": 2}),
+        config(),
+    )
     assert params["distill.train.epochs"] == 2 and isinstance(params["distill.train.epochs"], int)
 
 

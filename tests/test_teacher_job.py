@@ -36,7 +36,21 @@ def assert_nothing_half_made(client: MlflowClient):
 @pytest.mark.e2e
 def test_mlflow_run_teacher_registers_caches_logits_and_predicts(tmp_path):
     # As the README runs it: the launcher's run is the job's run, and it already holds the -P params.
-    command = [sys.executable, "-m", "mlflow", "run", str(ROOT), "-e", "teacher", "--env-manager", "local", "--experiment-name", "smoke", "-P", f"experiment={SMOKE}"]
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "run",
+        str(ROOT),
+        "-e",
+        "teacher",
+        "--env-manager",
+        "local",
+        "--experiment-name",
+        "smoke",
+        "-P",
+        f"experiment={SMOKE}",
+    ]
     for override in FAST:
         command += ["-P", override]
     done = subprocess.run(command, env=subprocess_env(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=600)

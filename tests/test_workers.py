@@ -52,9 +52,10 @@ def test_worker_killed_mid_trial_then_same_command_again(teacher, tmp_path):
     worker = subprocess.Popen(command, env=subprocess_env(tmp_path), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
     def trial_running_with_run():
-        if not journal.exists():
+        try:
+            study = optuna.load_study(study_name="smoke-sweep", storage=make_storage(str(journal))[0])
+        except KeyError:  # the worker has not created the study yet
             return None
-        study = optuna.load_study(study_name="smoke-sweep", storage=make_storage(str(journal))[0])
         running = study.get_trials(states=(TrialState.RUNNING,))
         return running[0] if running and "mlflow_run_id" in running[0].user_attrs else None
 
@@ -101,7 +102,18 @@ def postgres_url(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     server = subprocess.Popen(
-        [*as_user, str(bindir / "postgres"), "-D", str(folder / "data"), "-p", str(port), "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={folder}"],
+        [
+            *as_user,
+            str(bindir / "postgres"),
+            "-D",
+            str(folder / "data"),
+            "-p",
+            str(port),
+            "-c",
+            "listen_addresses=127.0.0.1",
+            "-c",
+            f"unix_socket_directories={folder}",
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
