@@ -19,7 +19,7 @@ from optuna.trial import TrialState
 
 from kdlib.teacher import run_teacher
 from search.sweep import make_storage
-from tests.conftest import ROOT, SMOKE, subprocess_env
+from tests.conftest import SMOKE, subprocess_env
 from tests.test_sweep import config
 
 WORKER = [sys.executable, "-m", "search", "sweep", "--experiment", str(SMOKE), "data.max_eval_examples=200"]
