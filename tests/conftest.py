@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -43,3 +44,25 @@ def subprocess_env(tmp_path: Path) -> dict[str, str]:
     # `mlflow run --env-manager local` runs `python -m kdlib` from PATH: make it this interpreter.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     return env
+
+
+def mlflow_run(tmp_path: Path, entry: str, *overrides: str) -> subprocess.CompletedProcess:
+    """``mlflow run`` of an entry point on the smoke experiment, as the README gives it."""
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "run",
+        str(ROOT),
+        "-e",
+        entry,
+        "--env-manager",
+        "local",
+        "--experiment-name",
+        "smoke",
+        "-P",
+        f"experiment={SMOKE}",
+    ]
+    for override in overrides:
+        command += ["-P", override]
+    return subprocess.run(command, env=subprocess_env(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=600)

@@ -21,7 +21,7 @@ from kdlib.teacher import run_teacher
 from search import space
 from search.__main__ import ALIASES
 from search.sweep import make_storage, run_sweep
-from tests.conftest import SMOKE
+from tests.conftest import SMOKE, mlflow_run
 
 BASE = ["data.max_eval_examples=200", "train.epochs=3"]
 
@@ -167,3 +167,20 @@ def test_worse_sweep_leaves_the_student_champion(with_teacher):
     assert str(client.get_model_version_by_alias("smoke-student", "champion").version) == good.version
     tags = client.get_run(worse.run_id).data.tags
     assert tags["champion.promoted"] == "false" and tags["champion.previous_version"] == good.version
+
+
+@pytest.mark.e2e
+def test_mlflow_run_main_runs_teacher_then_sweep(tmp_path):
+    done = mlflow_run(tmp_path, "main", "n_trials=2", "data.max_eval_examples=200", "train.epochs=2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "mlflow ui" in done.stdout and "models:/smoke-student@champion" in done.stdout
+    client = MlflowClient()
+    assert client.get_model_version_by_alias("smoke-teacher", "champion")
+    student = client.get_model_version_by_alias("smoke-student", "champion")
+    sweep_run = client.get_run(client.get_run(student.run_id).data.tags["mlflow.parentRunId"])
+    assert sweep_run.data.params["search.n_trials"] == "2"  # -P n_trials reached search.n_trials
+    assert len(trials("smoke-sweep")) == 2
+    # A second `main` finds the champion teacher and goes straight to the (already finished) sweep.
+    again = mlflow_run(tmp_path, "main", "n_trials=2", "data.max_eval_examples=200", "train.epochs=2")
+    assert again.returncode == 0 and "teacher:" not in again.stdout
+    assert len(client.search_model_versions("name = 'smoke-teacher'")) == 1

