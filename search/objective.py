@@ -46,6 +46,8 @@ class Objective:
         self._check_place(trial)
         trial_cfg = replace(self.cfg, suggest(trial, self.cfg))
         tags = {"kd.role": "student-trial", "optuna.study": self.study_name, "optuna.trial": str(trial.number)}
+        # Recorded so a later worker can close both runs if this process dies mid-trial.
+        trial.set_user_attr("worker_run_id", mlflow.active_run().info.run_id)
         run = mlflow.start_run(run_name=f"trial-{trial.number}", nested=True, tags=tags)
         trial.set_user_attr("mlflow_run_id", run.info.run_id)
         trial.set_user_attr("worker", worker_id())

@@ -77,13 +77,22 @@ def _retry(study: optuna.Study, trial: FrozenTrial) -> None:
 def make_storage(url: str | None) -> tuple[optuna.storages.BaseStorage, str]:
     url = url or default_storage()
     if "://" in url:
-        try:
-            storage = optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=3 * HEARTBEAT_S, failed_trial_callback=_retry)
-        except Exception as exc:  # SQLAlchemy raises many types for "cannot connect"
-            raise KDError(
-                f"search.storage: cannot open {url!r} ({type(exc).__name__}: {str(exc).splitlines()[0]}); expected a reachable database URL or a journal file path"
-            ) from None
-        return storage, url
+        from sqlalchemy.exc import IntegrityError
+
+        for attempt in range(3):
+            try:
+                storage = optuna.storages.RDBStorage(
+                    url, heartbeat_interval=HEARTBEAT_S, grace_period=3 * HEARTBEAT_S, heartbeat_stale_trial_callback=_retry
+                )
+                return storage, url
+            except IntegrityError:
+                # Workers starting together race to create Optuna's tables; the loser finds them made.
+                if attempt == 2:
+                    raise
+            except Exception as exc:  # SQLAlchemy raises many types for "cannot connect"
+                raise KDError(
+                    f"search.storage: cannot open {url!r} ({type(exc).__name__}: {str(exc).splitlines()[0]}); expected a reachable database URL or a journal file path"
+                ) from None
     Path(url).parent.mkdir(parents=True, exist_ok=True)
     return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(url)), url
 

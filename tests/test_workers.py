@@ -9,12 +9,14 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import optuna
 import pytest
 from mlflow.tracking import MlflowClient
+from optuna.storages import RetryFailedTrialCallback
 from optuna.trial import TrialState
 
 from kdlib.teacher import run_teacher
@@ -71,7 +73,7 @@ def test_worker_killed_mid_trial_then_same_command_again(teacher, tmp_path):
     by_state = {s: [t for t in trials if t.state == s] for s in TrialState}
     assert [t.number for t in by_state[TrialState.FAIL]] == [killed.number]
     assert len(by_state[TrialState.COMPLETE]) == 3
-    retried = [t for t in by_state[TrialState.COMPLETE] if t.user_attrs.get("failed_trial") == killed.number]
+    retried = [t for t in by_state[TrialState.COMPLETE] if RetryFailedTrialCallback.retried_trial_number(t) == killed.number]
     assert len(retried) == 1 and retried[0].params == killed.params
     assert MlflowClient().get_run(killed.user_attrs["mlflow_run_id"]).info.status == "FAILED"
     assert all(r.info.status != "RUNNING" for r in all_runs())
@@ -86,13 +88,13 @@ def _postgres_bin() -> Path | None:
 
 
 @pytest.fixture
-def postgres_url(tmp_path):
+def postgres_url():
     """A throwaway PostgreSQL on loopback, from Debian's packages (.ci/run installs them)."""
     bindir = _postgres_bin()
     if bindir is None:
         pytest.skip("PostgreSQL is not installed (apt-get install postgresql; .ci/run does)")
-    folder = tmp_path / "pg"
-    folder.mkdir()
+    # Not under tmp_path: pytest's temporary root is private to root, and the server runs as postgres.
+    folder = Path(tempfile.mkdtemp(prefix="kd-pg-"))
     # initdb and postgres refuse to run as root: run them as the postgres user Debian's package creates.
     as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
     if as_user:
@@ -122,6 +124,7 @@ def postgres_url(tmp_path):
     yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/postgres"
     server.terminate()
     server.wait(timeout=60)
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_two_workers_share_one_study_in_postgresql(teacher, tmp_path, postgres_url):
