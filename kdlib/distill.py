@@ -25,8 +25,6 @@ def student_model_name(cfg: ExperimentConfig) -> str:
 
 def log_student_run(cfg: ExperimentConfig, data: StudentData, on_epoch_end=tracking.log_epoch) -> StudentResult:
     """Inside an open MLflow run: log the student's settings, train it, log per-epoch metrics and the model."""
-    import mlflow
-
     tracking.log_config(
         cfg,
         {
@@ -39,7 +37,7 @@ def log_student_run(cfg: ExperimentConfig, data: StudentData, on_epoch_end=track
     )
     student, result = train_student(cfg, data, on_epoch_end)
     model_uri = tracking.log_classifier(student, cfg.data.max_length)
-    return StudentResult(mlflow.active_run().info.run_id, result.history[-1][METRIC], model_uri)
+    return StudentResult(tracking.active_run_id(), result.history[-1][METRIC], model_uri)
 
 
 def run_distill(cfg: ExperimentConfig) -> tuple[StudentResult, str, bool]:

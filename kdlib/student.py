@@ -19,7 +19,7 @@ from kdlib.data import Splits, load_splits
 from kdlib.errors import KDError
 from kdlib.losses import kd_loss
 from kdlib.models import Classifier, cut_from_teacher, load_classifier
-from kdlib.teacher import teacher_model_name
+from kdlib.teacher import LOGITS_TAG, teacher_model_name
 from kdlib.training import EpochCallback, FitResult, classification_metrics, fit
 
 
@@ -41,8 +41,7 @@ def prepare(cfg: ExperimentConfig, workdir: str) -> StudentData:
     name = teacher_model_name(cfg)
     hint = f"run the teacher entry point first: mlflow run . -e teacher --env-manager local -P experiment=<this experiment file> (experiment name {cfg.name!r})"
     version = tracking.champion_version(name, hint)
-    run = tracking.MlflowClient().get_run(version.run_id)
-    artifact = run.data.tags.get("kd.teacher_logits")
+    artifact = tracking.run_tag(version.run_id, LOGITS_TAG)
     if not artifact:
         raise KDError(f"teacher {name} version {version.version} (run {version.run_id}) has no cached logits; rerun the teacher entry point")
     folder = tracking.download_run_artifact(version.run_id, artifact, workdir)

@@ -6,8 +6,6 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import mlflow
-
 from kdlib import batching, logits_cache, tracking
 from kdlib.config import ExperimentConfig
 from kdlib.data import load_splits
@@ -15,6 +13,7 @@ from kdlib.models import load_classifier, tokenizer_fingerprint
 from kdlib.training import classification_metrics, fit, make_accelerator, predict_logits
 
 METRIC = "dev_accuracy"
+LOGITS_TAG = "kd.teacher_logits"  # names the logits artifact on the teacher's run
 
 
 @dataclass(frozen=True)
@@ -75,7 +74,6 @@ def run_teacher(cfg: ExperimentConfig) -> TeacherResult:
             with tempfile.TemporaryDirectory() as tmp:
                 folder = logits_cache.write(Path(tmp), key, train_logits, dev_logits)
                 artifact = f"{logits_cache.ARTIFACT_DIR}/{folder.name}"
-                mlflow.log_artifacts(str(folder), artifact)
-            mlflow.set_tag("kd.teacher_logits", artifact)
+                tracking.log_folder(folder, artifact, LOGITS_TAG)
             promoted = tracking.promote_if_better(name, version, METRIC, dev_accuracy)
         return TeacherResult(run.info.run_id, name, version, dev_accuracy, promoted, artifact)

@@ -68,6 +68,20 @@ def log_config(cfg: Any, extra: dict[str, Any]) -> None:
     mlflow.log_params({k: v for k, v in {**flatten(cfg), **extra}.items() if k not in logged})
 
 
+def active_run_id() -> str:
+    return mlflow.active_run().info.run_id
+
+
+def log_folder(local: Path, artifact_path: str, tag: str) -> None:
+    """Log a local folder as an artifact of the active run, and name it in ``tag`` for readers."""
+    mlflow.log_artifacts(str(local), artifact_path)
+    mlflow.set_tag(tag, artifact_path)
+
+
+def run_tag(run_id: str, key: str) -> str | None:
+    return MlflowClient().get_run(run_id).data.tags.get(key)
+
+
 def log_epoch(epoch: int, metrics: dict[str, float]) -> None:
     mlflow.log_metrics(metrics, step=epoch)
 

@@ -102,7 +102,7 @@ def test_failure_after_training_marks_run_failed_and_leaves_registry_unchanged(t
     def broken(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(teacher_job.mlflow, "log_artifacts", broken)
+    monkeypatch.setattr(mlflow, "log_artifacts", broken)
     with pytest.raises(RuntimeError, match="disk full"):
         teacher_job.run_teacher(build_config(SMOKE, parse_overrides(FAST + ["train.epochs=1"])))
     client = MlflowClient()
