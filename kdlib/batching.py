@@ -29,7 +29,6 @@ class Encoded:
 
     input_ids: list[np.ndarray]
     labels: np.ndarray
-    fingerprint: str  # data fingerprint of the split these ids came from
 
     @property
     def lengths(self) -> np.ndarray:
@@ -51,7 +50,7 @@ def encode(split: TextSplit, tokenizer: PreTrainedTokenizerBase, max_length: int
         offsets = stored["offsets"]
         flat = stored["ids"]
         ids = [flat[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1)]
-        return Encoded(ids, stored["labels"], split.fingerprint)
+        return Encoded(ids, stored["labels"])
     batch = tokenizer(split.texts, truncation=True, max_length=max_length, return_attention_mask=False, return_token_type_ids=False)
     ids = [np.asarray(x, dtype=np.int32) for x in batch["input_ids"]]
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -60,7 +59,7 @@ def encode(split: TextSplit, tokenizer: PreTrainedTokenizerBase, max_length: int
     tmp = path.with_suffix(".tmp.npz")
     np.savez(tmp, ids=np.concatenate(ids), offsets=offsets, labels=split.labels)
     tmp.replace(path)
-    return Encoded(ids, split.labels, split.fingerprint)
+    return Encoded(ids, split.labels)
 
 
 class Collator:
