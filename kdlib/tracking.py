@@ -99,7 +99,7 @@ def log_classifier(classifier: Classifier, max_length: int, name: str = "model")
         outputs=Schema([ColSpec("string", "label"), ColSpec("double", "score")] + [ColSpec("double", f"prob_{n}") for n in names]),
     )
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
-        # The signature above is explicit; MLflow's advice to add type hints or an example does not apply.
+        # The signature above is explicit; MLflow's advice to add an input example does not apply.
         warnings.filterwarnings("ignore", message=".*(Add type hints|An input example was not provided)")
         folder = Path(tmp) / HF_MODEL  # the folder's name is kept inside the logged model
         classifier.model.save_pretrained(folder)
@@ -115,14 +115,20 @@ def log_classifier(classifier: Classifier, max_length: int, name: str = "model")
     return info.model_uri
 
 
+def _champion(model_name: str):
+    """The registered version holding ``champion``, or None."""
+    try:
+        return MlflowClient().get_model_version_by_alias(model_name, CHAMPION)
+    except MlflowException:
+        return None
+
+
 def champion_metric(model_name: str, metric: str) -> tuple[str | None, float | None]:
     """The version that holds the ``champion`` alias and its run's ``metric``, or (None, None)."""
-    client = MlflowClient()
-    try:
-        version = client.get_model_version_by_alias(model_name, CHAMPION)
-    except MlflowException:
+    version = _champion(model_name)
+    if version is None:
         return None, None
-    value = client.get_run(version.run_id).data.metrics.get(metric) if version.run_id else None
+    value = MlflowClient().get_run(version.run_id).data.metrics.get(metric) if version.run_id else None
     return version.version, value
 
 
@@ -169,10 +175,10 @@ def promote_if_better(model_name: str, version: str, metric: str, value: float) 
 
 def champion_version(model_name: str, hint: str):
     """The registered version holding ``champion``; a KDError that says what to run when there is none."""
-    try:
-        return MlflowClient().get_model_version_by_alias(model_name, CHAMPION)
-    except MlflowException:
-        raise KDError(f"no registered model {model_name!r} with alias {CHAMPION!r} in the MLflow store {mlflow.get_tracking_uri()}; {hint}") from None
+    version = _champion(model_name)
+    if version is None:
+        raise KDError(f"no registered model {model_name!r} with alias {CHAMPION!r} in the MLflow store {mlflow.get_tracking_uri()}; {hint}")
+    return version
 
 
 def download_run_artifact(run_id: str, path: str, dst: str) -> Path:

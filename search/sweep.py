@@ -162,17 +162,9 @@ def run_sweep(cfg: ExperimentConfig) -> SweepResult:
     name = study_name(cfg)
     with tempfile.TemporaryDirectory(prefix="kd-sweep-") as tmp:
         data = prepare(cfg, tmp)
-        existing = optuna.study.get_all_study_names(storage)
+        study = optuna.create_study(study_name=name, storage=storage, direction="maximize", pruner=_pruner(cfg), load_if_exists=True)
         # Reseed on resume: a resumed or second worker must not replay the first worker's draws.
-        offset = len(optuna.load_study(study_name=name, storage=storage).trials) if name in existing else 0
-        study = optuna.create_study(
-            study_name=name,
-            storage=storage,
-            direction="maximize",
-            sampler=optuna.samplers.TPESampler(seed=cfg.search.seed + offset),
-            pruner=_pruner(cfg),
-            load_if_exists=True,
-        )
+        study.sampler = optuna.samplers.TPESampler(seed=cfg.search.seed + len(study.trials))
         recover_dead_local_trials(study)
         objective = Objective(cfg, data, name)
         with tracking.job_run(cfg.name, "sweep", {"kd.role": "sweep", "optuna.study": name, "optuna.storage": url}) as run:
