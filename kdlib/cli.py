@@ -34,23 +34,53 @@ def _distill(cfg: ExperimentConfig) -> None:
     print(f"student: dev accuracy {result.dev_accuracy:.4f}; registered {student_model_name(cfg)} version {version}, {status}")
 
 
+def _evaluate(cfg: ExperimentConfig) -> None:
+    from kdlib.evaluate import run_evaluate, table
+
+    result = run_evaluate(cfg)
+    print(table([result]))
+    print(f"logged as run {result.run_id} in experiment {cfg.name!r}")
+
+
+def _export(cfg: ExperimentConfig) -> None:
+    from kdlib.export import run_export
+
+    result = run_export(cfg)
+    acc = result.accuracy
+    print(f"export of {result.source_uri}: ONNX Runtime fp32 logits within {result.max_abs_diff:.2e} of PyTorch")
+    print(f"{cfg.data.eval_split} accuracy: PyTorch {acc['pytorch']:.4f}, ONNX fp32 {acc['fp32']:.4f}, ONNX int8 {acc['int8']:.4f}")
+    print(f"TensorRT: {result.tensorrt}")
+    for kind, uri in result.model_uris.items():
+        print(f"ONNX {kind}: mlflow.pyfunc.load_model({uri!r})  (run {result.run_id})")
+
+
 JOBS = {
     "teacher": teacher_job,
     "distill": _distill,
+    "evaluate": _evaluate,
+    "export": _export,
+}
+# `mlflow run . -e evaluate -P model_uri=...` arrives as `--model_uri ...`.
+ALIASES = {
+    "evaluate": {name: f"evaluate.{name}" for name in ("model_uri", "split", "teacher_uri", "precision", "threads")},
+    "export": {"model_uri": "export.model_uri"},
 }
 
 
-def run(prog: str, jobs: dict[str, Callable[[ExperimentConfig], None]], argv: list[str] | None, aliases: dict[str, str] | None = None) -> int:
+def run(
+    prog: str, jobs: dict[str, Callable[[ExperimentConfig], None]], argv: list[str] | None, aliases: dict[str, dict[str, str]] | None = None
+) -> int:
     """Parse ``<job> [--experiment FILE] [overrides]``, build the config, run the job; KDError -> one line, exit 2.
 
-    ``aliases`` map short override names to config keys (``n_trials`` -> ``search.n_trials``).
+    ``aliases`` map a job's short override names to config keys (sweep: ``n_trials`` -> ``search.n_trials``).
     """
     parser = argparse.ArgumentParser(prog=prog, description="BERT knowledge-distillation jobs tracked in MLflow.")
     parser.add_argument("job", choices=sorted(jobs))
     parser.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help=f"experiment YAML (default {DEFAULT_EXPERIMENT})")
     args, rest = parser.parse_known_args(argv)
     try:
-        overrides = {(aliases or {}).get(key, key): value for key, value in parse_overrides(rest).items()}
+        short = (aliases or {}).get(args.job, {})
+        overrides = {short.get(key, key): value for key, value in parse_overrides(rest).items()}
         cfg = build_config(args.experiment, overrides)
         jobs[args.job](cfg)
     except KDError as exc:
@@ -60,7 +90,7 @@ def run(prog: str, jobs: dict[str, Callable[[ExperimentConfig], None]], argv: li
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run("python -m kdlib", JOBS, argv)
+    return run("python -m kdlib", JOBS, argv, ALIASES)
 
 
 if __name__ == "__main__":

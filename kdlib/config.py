@@ -21,6 +21,7 @@ from kdlib.errors import KDError
 
 MIXED_PRECISION = ("bf16", "fp16", "no")
 PRUNERS = ("median", "hyperband", "none")
+PRECISIONS = ("fp32", "bf16")
 
 
 class ConfigRangeError(KDError):
@@ -169,6 +170,63 @@ class SearchConfig:
 
 
 @dataclass(frozen=True)
+class EvaluateConfig:
+    # Any model URI: models:/<name>@<alias>, models:/<name>/<version>, runs:/<run id>/<path>.
+    # None: the experiment's champion student.
+    model_uri: str | None = None
+    # None: data.eval_split of data.source.
+    split: str | None = None
+    # Agreement is measured against this model; None: the champion teacher, "none": skip.
+    teacher_uri: str | None = None
+    # PyTorch models only: fp32, or bf16 weights and activations.
+    precision: str = "fp32"
+    # Latency: untimed warm-up calls, then timed batch-1 calls and batches of throughput_batch_size.
+    warmup: int = 20
+    latency_calls: int = 200
+    throughput_batch_size: int = 32
+    throughput_batches: int = 20
+    # None: PyTorch's default (all cores); ONNX Runtime gets the same number.
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.precision in PRECISIONS, "precision", f"one of {PRECISIONS}", self.precision)
+        for key in ("latency_calls", "throughput_batch_size", "throughput_batches"):
+            _check(getattr(self, key) >= 1, key, "an integer >= 1", getattr(self, key))
+        _check(self.warmup >= 0, "warmup", "an integer >= 0", self.warmup)
+        _check(self.threads is None or self.threads >= 1, "threads", "an integer >= 1 or null", self.threads)
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    # None: the experiment's champion student.
+    model_uri: str | None = None
+    opset: int = 18
+    # Largest |ONNX Runtime logit - PyTorch logit| accepted for the fp32 model.
+    tolerance: float = 1e-3
+    # Sentences of the eval split compared between PyTorch and ONNX Runtime.
+    parity_examples: int = 256
+
+    def __post_init__(self) -> None:
+        _check(self.opset >= 17, "opset", "an integer >= 17", self.opset)
+        _check(self.tolerance > 0, "tolerance", "a number > 0", self.tolerance)
+        _check(self.parity_examples >= 1, "parity_examples", "an integer >= 1", self.parity_examples)
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    # The HTML report and the CSV of trials go to <output_dir>/<study name>.html|.csv.
+    output_dir: str = "reports/output"
+    # Best trials whose epoch curves, size and latency are shown.
+    top_k: int = 5
+    # Timed batch-1 calls per model for the accuracy-versus-latency view; 0 leaves latency out.
+    latency_calls: int = 50
+
+    def __post_init__(self) -> None:
+        _check(self.top_k >= 1, "top_k", "an integer >= 1", self.top_k)
+        _check(self.latency_calls >= 0, "latency_calls", "an integer >= 0", self.latency_calls)
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     # Names the MLflow experiment and the registered models (<name>-teacher, <name>-student).
     name: str = "sst2-bert"
@@ -178,6 +236,9 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
     # Tokenized datasets and generated data live here, keyed by content.
     cache_dir: str = ".kdcache"
 

@@ -156,23 +156,30 @@ def _to_split(frame: pd.DataFrame, where: str, first_line: int, split: str, cfg:
     return TextSplit(split, texts, labels, fingerprint(texts, labels))
 
 
-def load_splits(cfg: DataConfig) -> Splits:
-    """Read and validate the train and eval splits named by ``cfg``; raises KDError on bad data."""
+def _frame(cfg: DataConfig, split: str) -> tuple[pd.DataFrame, str, int]:
     source = cfg.source
     if source.startswith(demo_data.SCHEME):
-        frames = {split: (demo_data.load(source, split), f"{source} split {split!r}", 0) for split in (cfg.train_split, cfg.eval_split)}
-    else:
-        path = Path(source).expanduser()
-        if path.exists():
-            if not path.is_dir():
-                raise KDError(
-                    f"data: source {source!r} is a file; expected a folder holding one file per split (train.tsv and dev.tsv in GLUE layout) or a hub dataset name"
-                )
-            frames = {split: _load_local(path, split) for split in (cfg.train_split, cfg.eval_split)}
-        elif _looks_like_path(source):
-            raise KDError(f"data: source {source!r} does not exist; expected a folder with the data files or a hub dataset name")
-        else:
-            frames = {split: _load_hub(source, split) for split in (cfg.train_split, cfg.eval_split)}
-    train = _to_split(*frames[cfg.train_split], cfg.train_split, cfg, cfg.max_train_examples)
-    evals = _to_split(*frames[cfg.eval_split], cfg.eval_split, cfg, cfg.max_eval_examples)
-    return Splits(train=train, eval=evals)
+        return demo_data.load(source, split), f"{source} split {split!r}", 0
+    path = Path(source).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise KDError(
+                f"data: source {source!r} is a file; expected a folder holding one file per split (train.tsv and dev.tsv in GLUE layout) or a hub dataset name"
+            )
+        return _load_local(path, split)
+    if _looks_like_path(source):
+        raise KDError(f"data: source {source!r} does not exist; expected a folder with the data files or a hub dataset name")
+    return _load_hub(source, split)
+
+
+def load_split(cfg: DataConfig, split: str, limit: int | None = None) -> TextSplit:
+    """Read and validate one split of ``cfg.source``; raises KDError on bad data or an unknown split."""
+    return _to_split(*_frame(cfg, split), split, cfg, limit)
+
+
+def load_splits(cfg: DataConfig) -> Splits:
+    """Read and validate the train and eval splits named by ``cfg``; raises KDError on bad data."""
+    return Splits(
+        train=load_split(cfg, cfg.train_split, cfg.max_train_examples),
+        eval=load_split(cfg, cfg.eval_split, cfg.max_eval_examples),
+    )

@@ -1,33 +1,98 @@
 """MLflow pyfunc model that classifies raw strings (an MLflow "model from code" file).
 
-MLflow copies this file into every logged model, so it imports only torch, transformers and
-pandas, never kdlib: a registered model loads wherever those are installed.
+MLflow copies this file into every logged model, so it never imports kdlib: a registered model
+loads wherever its backend is installed. Two backends answer the same way:
+
+- ``hf_model`` artifact: a Hugging Face folder run by PyTorch (torch, transformers);
+- ``onnx_model`` artifact: ``model.onnx`` with its tokenizer and config, run by ONNX Runtime
+  (onnxruntime, transformers for the tokenizer; no torch needed).
 
 Input: a list of strings, a pandas Series, or a DataFrame whose first column holds the text.
 Output: a DataFrame with one row per input: ``label`` (the predicted label name), ``score`` (its
 probability) and ``prob_<label name>`` for every label (the softmax over all labels).
+
+kdlib's evaluate job times these same backends, so its latency is the served model's.
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import mlflow
+import numpy as np
 import pandas as pd
-import torch
 from mlflow.pyfunc import PythonModel
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoTokenizer
 
 BATCH = 64
+HF_MODEL, ONNX_MODEL = "hf_model", "onnx_model"  # artifact keys
+ONNX_FILE = "model.onnx"
+
+
+def _label_names(config: dict) -> list[str]:
+    id2label = {int(k): v for k, v in config["id2label"].items()}
+    return [id2label[i] for i in range(len(id2label))]
+
+
+class TorchBackend:
+    """A Hugging Face sequence classifier in PyTorch; ``precision`` "bf16" casts weights and activations."""
+
+    def __init__(self, folder: str | Path, max_length: int, precision: str = "fp32"):
+        import torch
+        from transformers import AutoModelForSequenceClassification
+
+        self.torch = torch
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForSequenceClassification.from_pretrained(folder)
+        self.model = (model.to(torch.bfloat16) if precision == "bf16" else model).to(self.device).eval()
+        self.max_length = max_length
+        self.names = _label_names(self.model.config.to_dict())
+
+    def logits(self, texts: list[str]) -> np.ndarray:
+        """(len(texts), n_labels) float32 logits of one batch."""
+        batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        with self.torch.inference_mode():
+            out = self.model(input_ids=batch["input_ids"].to(self.device), attention_mask=batch["attention_mask"].to(self.device))
+        return out.logits.float().cpu().numpy()
+
+
+class OrtBackend:
+    """An exported ``model.onnx`` (inputs input_ids, attention_mask; output logits) in ONNX Runtime."""
+
+    def __init__(self, folder: str | Path, max_length: int, threads: int | None = None):
+        import onnxruntime as ort
+
+        folder = Path(folder)
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        self.threads = threads or 0  # 0: ONNX Runtime's default, one thread per physical core
+        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
+        self.session = ort.InferenceSession(str(folder / ONNX_FILE), options, providers=providers)
+        self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        self.max_length = max_length
+        self.names = _label_names(json.loads((folder / "config.json").read_text()))
+
+    def logits(self, texts: list[str]) -> np.ndarray:
+        batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="np")
+        feed = {"input_ids": batch["input_ids"].astype(np.int64), "attention_mask": batch["attention_mask"].astype(np.int64)}
+        return self.session.run(["logits"], feed)[0].astype(np.float32)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return shifted / shifted.sum(axis=-1, keepdims=True)
 
 
 class TextClassifier(PythonModel):
     def load_context(self, context) -> None:
-        path = context.artifacts["hf_model"]
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModelForSequenceClassification.from_pretrained(path).to(self.device).eval()
-        self.max_length = int(context.model_config.get("max_length", 128))
-        config = self.model.config
-        self.names = [config.id2label[i] for i in range(config.num_labels)]
+        max_length = int(context.model_config.get("max_length", 128))
+        if ONNX_MODEL in context.artifacts:
+            self.backend = OrtBackend(context.artifacts[ONNX_MODEL], max_length)
+        else:
+            self.backend = TorchBackend(context.artifacts[HF_MODEL], max_length)
 
     @staticmethod
     def _texts(model_input) -> list[str]:
@@ -37,19 +102,16 @@ class TextClassifier(PythonModel):
             model_input = [model_input]
         return [str(text) for text in list(model_input)]
 
-    @torch.no_grad()
-    def predict(self, context, model_input, params=None) -> pd.DataFrame:
+    # MLflow enforces the logged signature first, so strings arrive as a one-column DataFrame.
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         texts = self._texts(model_input)
-        probs = []
-        for start in range(0, len(texts), BATCH):
-            batch = self.tokenizer(texts[start : start + BATCH], padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
-            batch = {k: v.to(self.device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
-            probs.append(self.model(**batch).logits.float().softmax(-1).cpu())
-        p = torch.cat(probs) if probs else torch.empty((0, len(self.names)))
+        names = self.backend.names
+        chunks = [softmax(self.backend.logits(texts[start : start + BATCH])) for start in range(0, len(texts), BATCH)]
+        p = np.concatenate(chunks) if chunks else np.empty((0, len(names)))
         best = p.argmax(-1)
-        frame = pd.DataFrame({"label": [self.names[i] for i in best.tolist()], "score": p.max(-1).values.double().numpy()})
-        for i, name in enumerate(self.names):
-            frame[f"prob_{name}"] = p[:, i].double().numpy()
+        frame = pd.DataFrame({"label": [names[i] for i in best], "score": p.max(-1).astype(np.float64)})
+        for i, name in enumerate(names):
+            frame[f"prob_{name}"] = p[:, i].astype(np.float64)
         return frame
 
 

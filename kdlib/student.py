@@ -53,7 +53,7 @@ def prepare(cfg: ExperimentConfig, workdir: str) -> StudentData:
     }
     train_logits, dev_logits = logits_cache.read(folder, expected)
     if cfg.student.teacher_layers:
-        hf_dir = tracking.download_hf_model(name, str(version.version), workdir)
+        hf_dir = tracking.fetch_model(f"models:/{name}/{version.version}", workdir).folder
         teacher = load_classifier(
             "teacher", ModelConfig(name_or_path=str(hf_dir)), cfg.data.label_names, [], cfg.data.max_length, cfg.distill.train.seed
         )

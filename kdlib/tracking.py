@@ -12,6 +12,7 @@ import os
 import tempfile
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -25,10 +26,13 @@ from mlflow.types import ColSpec, Schema
 from kdlib.config import flatten
 from kdlib.errors import KDError
 from kdlib.models import Classifier
+from kdlib.serving import HF_MODEL, ONNX_MODEL
 
 CHAMPION = "champion"
 SERVING_CODE = Path(__file__).with_name("serving.py")
-HF_MODEL = "hf_model"  # the artifact key serving.py reads
+URI_FORMS = "models:/<name>@<alias>, models:/<name>/<version> or runs:/<run id>/model"
+# Settings of the jobs that act on a trained model; training runs do not log them.
+POST_TRAINING = ("evaluate.", "export.", "report.")
 # A run started by `mlflow run` hands its id to the command through this variable.
 LAUNCHER_RUN = "MLFLOW_RUN_ID"
 
@@ -61,11 +65,16 @@ def job_run(experiment: str, run_name: str, tags: dict[str, str]) -> Iterator[ml
         yield run
 
 
-def log_config(cfg: Any, extra: dict[str, Any]) -> None:
+def log_params(params: dict[str, Any]) -> None:
     # `mlflow run -P key=value` already logged its parameters on the launcher's run, and MLflow
     # refuses to log a param twice: keep those (they hold the same setting as the user typed it).
     logged = mlflow.get_run(mlflow.active_run().info.run_id).data.params
-    mlflow.log_params({k: v for k, v in {**flatten(cfg), **extra}.items() if k not in logged})
+    mlflow.log_params({k: v for k, v in params.items() if k not in logged})
+
+
+def log_config(cfg: Any, extra: dict[str, Any]) -> None:
+    """A training run's settings: every config key but those of the post-training jobs, and ``extra``."""
+    log_params({**{k: v for k, v in flatten(cfg).items() if not k.startswith(POST_TRAINING)}, **extra})
 
 
 def active_run_id() -> str:
@@ -86,36 +95,51 @@ def log_epoch(epoch: int, metrics: dict[str, float]) -> None:
     mlflow.log_metrics(metrics, step=epoch)
 
 
-def _requirements() -> list[str]:
+def log_metrics(metrics: dict[str, float]) -> None:
+    mlflow.log_metrics(metrics)
+
+
+def set_tags(tags: dict[str, str]) -> None:
+    mlflow.set_tags(tags)
+
+
+def _requirements(packages: tuple[str, ...]) -> list[str]:
     # Pinned explicitly: MLflow's inference would load the model in a subprocess to guess them.
-    return [f"{pkg}=={metadata.version(pkg).split('+')[0]}" for pkg in ("mlflow", "torch", "transformers", "pandas")]
+    return [f"{pkg}=={metadata.version(pkg).split('+')[0]}" for pkg in ("mlflow", *packages, "transformers", "pandas")]
 
 
-def log_classifier(classifier: Classifier, max_length: int, name: str = "model") -> str:
-    """Log a classifier that predicts labels and probabilities for raw strings; returns its model URI."""
-    names = [classifier.model.config.id2label[i] for i in range(classifier.model.config.num_labels)]
+def log_text_classifier(folder: Path, kind: str, label_names: list[str], max_length: int, name: str) -> str:
+    """Log ``folder`` (a Hugging Face folder for ``hf_model``, model.onnx + tokenizer for ``onnx_model``)
+    as a pyfunc model that answers raw strings with labels and probabilities; returns its model URI."""
     signature = ModelSignature(
         inputs=Schema([ColSpec("string")]),  # unnamed: a plain list of strings is valid input
-        outputs=Schema([ColSpec("string", "label"), ColSpec("double", "score")] + [ColSpec("double", f"prob_{n}") for n in names]),
+        outputs=Schema([ColSpec("string", "label"), ColSpec("double", "score")] + [ColSpec("double", f"prob_{n}") for n in label_names]),
     )
-    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+    with warnings.catch_warnings():
         # The signature above is explicit; MLflow's advice to add an input example does not apply.
         warnings.filterwarnings("ignore", message=".*(Add type hints|An input example was not provided)")
-        folder = Path(tmp) / HF_MODEL  # the folder's name is kept inside the logged model
-        classifier.model.save_pretrained(folder)
-        classifier.tokenizer.save_pretrained(folder)
         info = mlflow.pyfunc.log_model(
             name=name,
             python_model=str(SERVING_CODE),
-            artifacts={HF_MODEL: str(folder)},
+            artifacts={kind: str(folder)},
             model_config={"max_length": max_length},
             signature=signature,
-            pip_requirements=_requirements(),
+            pip_requirements=_requirements(("torch",) if kind == HF_MODEL else ("onnxruntime",)),
         )
     return info.model_uri
 
 
-def _champion(model_name: str):
+def log_classifier(classifier: Classifier, max_length: int, name: str = "model") -> str:
+    """Log a PyTorch classifier for raw strings; returns its model URI."""
+    names = [classifier.model.config.id2label[i] for i in range(classifier.model.config.num_labels)]
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / HF_MODEL  # the folder's name is kept inside the logged model
+        classifier.model.save_pretrained(folder)
+        classifier.tokenizer.save_pretrained(folder)
+        return log_text_classifier(folder, HF_MODEL, names, max_length, name)
+
+
+def champion(model_name: str):
     """The registered version holding ``champion``, or None."""
     try:
         return MlflowClient().get_model_version_by_alias(model_name, CHAMPION)
@@ -125,7 +149,7 @@ def _champion(model_name: str):
 
 def champion_metric(model_name: str, metric: str) -> tuple[str | None, float | None]:
     """The version that holds the ``champion`` alias and its run's ``metric``, or (None, None)."""
-    version = _champion(model_name)
+    version = champion(model_name)
     if version is None:
         return None, None
     value = MlflowClient().get_run(version.run_id).data.metrics.get(metric) if version.run_id else None
@@ -175,7 +199,7 @@ def promote_if_better(model_name: str, version: str, metric: str, value: float) 
 
 def champion_version(model_name: str, hint: str):
     """The registered version holding ``champion``; a KDError that says what to run when there is none."""
-    version = _champion(model_name)
+    version = champion(model_name)
     if version is None:
         raise KDError(f"no registered model {model_name!r} with alias {CHAMPION!r} in the MLflow store {mlflow.get_tracking_uri()}; {hint}")
     return version
@@ -185,7 +209,84 @@ def download_run_artifact(run_id: str, path: str, dst: str) -> Path:
     return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=dst))
 
 
-def download_hf_model(model_name: str, version: str, dst: str) -> Path:
-    """The Hugging Face folder (weights, config, tokenizer) inside a registered classifier."""
-    root = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{model_name}/{version}", dst_path=dst))
-    return root / "artifacts" / HF_MODEL
+@dataclass(frozen=True)
+class ModelSource:
+    """A text classifier logged by this project, downloaded: where it came from and its files."""
+
+    uri: str
+    kind: str  # HF_MODEL (PyTorch) or ONNX_MODEL
+    folder: Path  # the Hugging Face folder, or model.onnx with its tokenizer and config
+    max_length: int
+    run_id: str | None
+    registered_name: str | None  # set for models:/<name>@<alias> and models:/<name>/<version>
+    registered_version: str | None
+
+
+def _registered(uri: str) -> tuple[str | None, str | None]:
+    """(name, version) of a registry URI; (None, None) for runs:/ and logged-model (models:/m-...) URIs."""
+    if not uri.startswith("models:/"):
+        return None, None
+    ref = uri[len("models:/") :].strip("/")
+    client = MlflowClient()
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        return name, str(client.get_model_version_by_alias(name, alias).version)
+    name, _, version = ref.rpartition("/")
+    if name and version.isdigit():
+        return name, version
+    return None, None
+
+
+def fetch_model(uri: str, dst: str) -> ModelSource:
+    """Download the model at ``uri``; a KDError that names the problem if it is missing or not ours."""
+    where = f"in the MLflow store {mlflow.get_tracking_uri()}"
+    if not uri.startswith(("models:/", "runs:/")):
+        raise KDError(f"model_uri {uri!r} is not a model URI; expected {URI_FORMS}")
+    try:
+        info = mlflow.models.get_model_info(uri)
+        name, version = _registered(uri)
+    except MlflowException as exc:
+        message = str(exc).splitlines()[0]
+        if "MLmodel" in message:  # the run exists, but holds no model under that path
+            message = "that run has no model there"
+        raise KDError(f"model_uri {uri!r} not found {where}: {message}; expected {URI_FORMS}") from None
+    pyfunc = info.flavors.get("python_function", {})
+    artifacts = pyfunc.get("artifacts", {})
+    kind = next((key for key in (HF_MODEL, ONNX_MODEL) if key in artifacts), None)
+    if kind is None:
+        raise KDError(
+            f"model_uri {uri!r} is not a text classifier of this project (no {HF_MODEL!r} or {ONNX_MODEL!r} artifact); "
+            "expected a model logged by the teacher, distill, sweep or export job"
+        )
+    root = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dst))
+    max_length = int(pyfunc.get("config", {}).get("max_length", 128))
+    return ModelSource(uri, kind, root / artifacts[kind]["path"], max_length, info.run_id, name, version)
+
+
+def champion_uri(model_name: str) -> str:
+    return f"models:/{model_name}@{CHAMPION}"
+
+
+def set_version_tag(source: ModelSource, key: str, value: str) -> None:
+    """Tag the registered version ``source`` came from (no-op for an unregistered model)."""
+    if source.registered_name:
+        MlflowClient().set_model_version_tag(source.registered_name, source.registered_version, key, value)
+
+
+def find_runs(experiment: str, filter_string: str) -> list:
+    """Runs of ``experiment`` (by name) that match an MLflow filter, newest first; [] if no such experiment."""
+    found = mlflow.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    return MlflowClient().search_runs([found.experiment_id], filter_string, order_by=["attributes.start_time DESC"])
+
+
+def get_run(run_id: str):
+    return MlflowClient().get_run(run_id)
+
+
+def log_files_to(run_id: str, paths: list[Path], artifact_path: str) -> None:
+    """Log files to a run that may have ended (the sweep's parent run, after the sweep)."""
+    client = MlflowClient()
+    for path in paths:
+        client.log_artifact(run_id, str(path), artifact_path)

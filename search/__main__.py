@@ -11,7 +11,7 @@ from kdlib.errors import KDError
 from kdlib.teacher import teacher_model_name
 
 # `mlflow run . -e sweep -P n_trials=30` arrives as `--n_trials 30`.
-ALIASES = {name: f"search.{name}" for name in ("n_trials", "timeout", "study_name", "storage", "pruner", "seed")}
+SEARCH = {name: f"search.{name}" for name in ("n_trials", "timeout", "study_name", "storage", "pruner", "seed")}
 
 
 def _sweep(cfg: ExperimentConfig) -> None:
@@ -46,6 +46,7 @@ def _bench(cfg: ExperimentConfig) -> None:
 
 
 JOBS = {"sweep": _sweep, "main": _main, "bench": _bench}
+ALIASES = dict.fromkeys(JOBS, SEARCH)
 
 if __name__ == "__main__":
     sys.exit(run("python -m search", JOBS, sys.argv[1:], ALIASES))

@@ -1,0 +1,167 @@
+"""The export job: a PyTorch classifier to ONNX, checked in ONNX Runtime, quantized to int8, logged.
+
+The graph has dynamic batch and sequence axes (inputs ``input_ids``, ``attention_mask``, int64;
+output ``logits``), so one file serves any batch of any length up to the model's maximum. Everything
+is built and checked in a temporary folder before the MLflow run opens: a failed export logs nothing.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+from kdlib import tracking
+from kdlib.config import ExperimentConfig
+from kdlib.data import load_split
+from kdlib.distill import student_model_name
+from kdlib.errors import KDError
+from kdlib.evaluate import predict_all
+from kdlib.serving import ONNX_FILE, ONNX_MODEL, OrtBackend, TorchBackend
+from kdlib.tracking import ModelSource
+
+AXES = {0: "batch", 1: "sequence"}
+MODELS = {"fp32": "onnx_fp32", "int8": "onnx_int8"}  # logged model names
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    run_id: str
+    source_uri: str
+    model_uris: dict[str, str]  # "fp32" / "int8" -> pyfunc model URI
+    max_abs_diff: float
+    accuracy: dict[str, float]  # "pytorch", "fp32", "int8" -> eval-split accuracy
+    tensorrt: str
+
+
+def check_classifier(source: ModelSource) -> None:
+    if source.kind == ONNX_MODEL:
+        raise KDError(f"model_uri {source.uri!r} is already an ONNX model; expected a PyTorch model logged by the teacher, distill or sweep job")
+    architectures = AutoConfig.from_pretrained(source.folder).architectures or []
+    if not any(arch.endswith("ForSequenceClassification") for arch in architectures):
+        raise KDError(
+            f"model_uri {source.uri!r} holds {', '.join(architectures) or 'a model of unknown architecture'}, not a sequence classifier; "
+            "expected a *ForSequenceClassification model such as the teacher and student jobs log"
+        )
+
+
+def export_onnx(folder: Path, dst: Path, opset: int) -> Path:
+    """``dst`` gets model.onnx plus the tokenizer and config.json that serving needs."""
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    # Two sentences of different lengths, so padding is traced as data, not as a constant shape.
+    sample = tokenizer(["a sample sentence for tracing", "short"], padding=True, return_tensors="pt")
+    dims = {i: torch.export.Dim.DYNAMIC for i in AXES}
+    dst.mkdir(parents=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's notes on renamed axes and missing torchvision ops
+        program = torch.onnx.export(
+            model,
+            (),
+            kwargs={"input_ids": sample["input_ids"], "attention_mask": sample["attention_mask"]},
+            input_names=["input_ids", "attention_mask"],
+            output_names=["logits"],
+            dynamic_shapes={"input_ids": dims, "attention_mask": dims},
+            opset_version=opset,
+            dynamo=True,
+            verbose=False,
+        )
+    program.save(str(dst / ONNX_FILE))
+    tokenizer.save_pretrained(dst)
+    model.config.save_pretrained(dst)
+    return dst
+
+
+def quantize_int8(src: Path, dst: Path) -> Path:
+    """Dynamic int8 quantization: int8 weights, activations quantized per batch at run time."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(f"{ONNX_FILE}*"))
+    quantize_dynamic(src / ONNX_FILE, dst / ONNX_FILE, weight_type=QuantType.QInt8)
+    return dst
+
+
+def build_tensorrt(onnx_file: Path, dst: Path, max_length: int) -> str:
+    """A serialized TensorRT engine (fp16 where the GPU has it) when TensorRT is importable; else why not."""
+    if importlib.util.find_spec("tensorrt") is None:
+        return "skipped: tensorrt is not importable on this host (a GPU host with TensorRT builds model.plan)"
+    import tensorrt as trt
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_file)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise KDError(f"TensorRT could not parse {onnx_file.name}: {errors}")
+    config = builder.create_builder_config()
+    profile = builder.create_optimization_profile()
+    for name in ("input_ids", "attention_mask"):
+        profile.set_shape(name, (1, 1), (32, 64), (64, max_length))
+    config.add_optimization_profile(profile)
+    if builder.platform_has_fast_fp16:
+        config.set_flag(trt.BuilderFlag.FP16)
+    engine = builder.build_serialized_network(network, config)
+    if engine is None:
+        raise KDError("TensorRT failed to build an engine from the exported ONNX model (see its log above)")
+    dst.mkdir(parents=True, exist_ok=True)
+    (dst / "model.plan").write_bytes(bytes(engine))
+    return "built"
+
+
+def _accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
+    return float((logits.argmax(-1) == labels).mean())
+
+
+def run_export(cfg: ExperimentConfig) -> ExportResult:
+    ex = cfg.export
+    uri = ex.model_uri or tracking.champion_uri(student_model_name(cfg))
+    with tempfile.TemporaryDirectory(prefix="kd-export-") as tmp:
+        work = Path(tmp)
+        source = tracking.fetch_model(uri, str(work / "source"))
+        check_classifier(source)
+        split = load_split(cfg.data, cfg.data.eval_split, cfg.data.max_eval_examples)
+        folders = {"fp32": export_onnx(source.folder, work / MODELS["fp32"], ex.opset)}
+        folders["int8"] = quantize_int8(folders["fp32"], work / MODELS["int8"])
+        threads = torch.get_num_threads()
+        pytorch = predict_all(TorchBackend(source.folder, source.max_length), split.texts)
+        onnx = {kind: predict_all(OrtBackend(folder, source.max_length, threads), split.texts) for kind, folder in folders.items()}
+        compared = min(ex.parity_examples, len(split))
+        max_abs_diff = float(np.abs(onnx["fp32"][:compared] - pytorch[:compared]).max())
+        if max_abs_diff > ex.tolerance:
+            raise KDError(
+                f"export: ONNX Runtime logits differ from PyTorch's by up to {max_abs_diff:.2e} on {compared} sentences, "
+                f"above export.tolerance = {ex.tolerance:g}; nothing was logged"
+            )
+        tensorrt = build_tensorrt(folders["fp32"] / ONNX_FILE, work / "tensorrt", source.max_length)
+        accuracy = {"pytorch": _accuracy(pytorch, split.labels), **{kind: _accuracy(logits, split.labels) for kind, logits in onnx.items()}}
+        names = json.loads((folders["fp32"] / "config.json").read_text())["id2label"]
+        label_names = [names[str(i)] for i in range(len(names))]
+        tags = {"kd.role": "export", "kd.source_model_uri": uri, "kd.source_run_id": source.run_id or "", "kd.tensorrt": tensorrt}
+        if source.registered_name:
+            tags |= {"kd.source_model_name": source.registered_name, "kd.source_model_version": source.registered_version}
+        with tracking.job_run(cfg.name, "export", tags) as run:
+            tracking.log_params({"export.model_uri": uri, "export.opset": ex.opset, "export.tolerance": ex.tolerance, "split": cfg.data.eval_split})
+            tracking.log_metrics(
+                {
+                    "max_abs_logit_diff": max_abs_diff,
+                    "parity_examples": compared,
+                    "pytorch_accuracy": accuracy["pytorch"],
+                    "onnx_fp32_accuracy": accuracy["fp32"],
+                    "onnx_int8_accuracy": accuracy["int8"],
+                    "int8_accuracy_change_points": 100 * (accuracy["int8"] - accuracy["fp32"]),
+                }
+            )
+            model_uris = {kind: tracking.log_text_classifier(folder, ONNX_MODEL, label_names, source.max_length, MODELS[kind]) for kind, folder in folders.items()}
+            if tensorrt == "built":
+                tracking.log_folder(work / "tensorrt", "tensorrt", "kd.tensorrt_engine")
+            tracking.set_version_tag(source, "kd.onnx_export_run", run.info.run_id)
+    return ExportResult(run.info.run_id, uri, model_uris, max_abs_diff, accuracy, tensorrt)

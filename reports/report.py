@@ -1,0 +1,284 @@
+"""The sweep report: one offline HTML file (plotly.js embedded) and a CSV of every trial.
+
+Built from the Optuna study (history, importances, parallel coordinates, T x alpha contour, per-epoch
+curves) and from MLflow (the teacher, a plain fine-tuned student if one was trained, the best
+students: accuracy, size, latency, Pareto front). Written to ``report.output_dir`` and logged on the
+sweep's parent run under ``report/``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import plotly.graph_objects as go
+from optuna import visualization as vis
+from optuna.trial import FrozenTrial, TrialState
+
+from kdlib import tracking
+from kdlib.config import ExperimentConfig
+from kdlib.data import load_split
+from kdlib.distill import METRIC, student_model_name
+from kdlib.errors import KDError
+from kdlib.evaluate import footprint, load_backend, measure_latency
+from kdlib.teacher import teacher_model_name
+from search.sweep import ROOT_ATTR, default_storage, make_storage, study_name
+
+ARTIFACT_DIR = "report"
+CONTOUR = ("distill.temperature", "distill.alpha")
+
+
+@dataclass(frozen=True)
+class ModelRow:
+    model: str  # "teacher", "plain student", "trial 3"
+    model_uri: str
+    run_id: str
+    dev_accuracy: float
+    parameters: int
+    size_mb: float
+    latency_ms: float | None  # batch-1 p50; None when report.latency_calls is 0
+
+
+@dataclass(frozen=True)
+class Report:
+    study_name: str
+    sweep_run_id: str
+    html: Path
+    csv: Path
+    figures: dict[str, go.Figure]
+    table: pd.DataFrame
+
+
+def load_study(cfg: ExperimentConfig) -> optuna.Study:
+    name = study_name(cfg)
+    url = cfg.search.storage or default_storage()
+    if "://" not in url:
+        path = Path(url)
+        if not path.is_file():
+            raise KDError(f"report: no sweep has run here: the study storage {str(path)!r} does not exist; run `mlflow run . -e sweep` first")
+    storage, url = make_storage(url)
+    try:
+        return optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        raise KDError(f"report: no study {name!r} in {url}; set search.study_name to the sweep's study or run the sweep first") from None
+
+
+def _done(study: optuna.Study, state: TrialState) -> list[FrozenTrial]:
+    return study.get_trials(deepcopy=False, states=(state,))
+
+
+def _best(study: optuna.Study, k: int) -> list[FrozenTrial]:
+    return sorted(_done(study, TrialState.COMPLETE), key=lambda t: t.value, reverse=True)[:k]
+
+
+def _plain_student(cfg: ExperimentConfig):
+    """The newest student run trained on hard labels only (distill.alpha = 0), or None."""
+    runs = tracking.find_runs(cfg.name, "attributes.status = 'FINISHED' and params.`distill.alpha` LIKE '0%'")
+    plain = (r for r in runs if r.data.tags.get("kd.role") in ("student", "plain-student") and float(r.data.params["distill.alpha"]) == 0.0)
+    return next(plain, None)
+
+
+def _candidates(cfg: ExperimentConfig, study: optuna.Study) -> list[tuple[str, str, str, float]]:
+    """(label, model URI, run id, dev accuracy) of the teacher, the plain student and the best trials."""
+    out = []
+    teacher = tracking.champion(teacher_model_name(cfg))
+    if teacher is not None:
+        run = tracking.get_run(teacher.run_id)
+        out.append(("teacher", f"models:/{teacher.name}/{teacher.version}", teacher.run_id, run.data.metrics[METRIC]))
+    plain = _plain_student(cfg)
+    if plain is not None:
+        out.append(("plain student", f"runs:/{plain.info.run_id}/model", plain.info.run_id, plain.data.metrics[METRIC]))
+    for trial in _best(study, cfg.report.top_k):
+        out.append((f"trial {trial.number}", trial.user_attrs["model_uri"], trial.user_attrs["mlflow_run_id"], trial.value))
+    return out
+
+
+def model_rows(cfg: ExperimentConfig, study: optuna.Study) -> list[ModelRow]:
+    """Size and batch-1 latency of each candidate, measured now on the eval split's sentences."""
+    texts = load_split(cfg.data, cfg.data.eval_split, cfg.data.max_eval_examples).texts
+    timing = dataclasses.replace(cfg.evaluate, latency_calls=max(cfg.report.latency_calls, 1), warmup=5, throughput_batches=1)
+    rows = []
+    for label, uri, run_id, accuracy in _candidates(cfg, study):
+        with tempfile.TemporaryDirectory(prefix="kd-report-") as tmp:
+            source = tracking.fetch_model(uri, tmp)
+            backend = load_backend(source, "fp32", threads=timing.threads or 0)
+            parameters, size_mb = footprint(source, backend)
+            latency = measure_latency(backend, texts, timing).batch1_p50_ms if cfg.report.latency_calls else None
+        rows.append(ModelRow(label, uri, run_id, accuracy, parameters, size_mb, latency))
+    return rows
+
+
+def pareto(rows: list[ModelRow]) -> set[str]:
+    """Models no other model beats on both accuracy (higher) and latency (lower)."""
+    timed = sorted((r for r in rows if r.latency_ms is not None), key=lambda r: (r.latency_ms, -r.dev_accuracy))
+    front, best = set(), float("-inf")
+    for row in timed:
+        if row.dev_accuracy > best:
+            front.add(row.model)
+            best = row.dev_accuracy
+    return front
+
+
+def models_table(rows: list[ModelRow], study: optuna.Study) -> pd.DataFrame:
+    front = pareto(rows)
+    params = {f"trial {t.number}": t.params for t in study.trials}
+    return pd.DataFrame(
+        [
+            {
+                "model": r.model,
+                "dev_accuracy": round(r.dev_accuracy, 4),
+                "parameters_M": round(r.parameters / 1e6, 2),
+                "size_MB": round(r.size_mb, 1),
+                "latency_batch1_p50_ms": None if r.latency_ms is None else round(r.latency_ms, 2),
+                "pareto_front": r.model in front,
+                "settings": ", ".join(f"{k.split('.')[-1]}={v:.4g}" for k, v in params.get(r.model, {}).items()),
+                "model_uri": r.model_uri,
+                "run_id": r.run_id,
+            }
+            for r in rows
+        ]
+    )
+
+
+def epoch_curves(study: optuna.Study, k: int) -> go.Figure:
+    """Dev accuracy per epoch: the k best finished trials, and every pruned trial (dashed, x at the cut)."""
+    fig = go.Figure()
+    for trial in _best(study, k):
+        steps = sorted(trial.intermediate_values)
+        fig.add_scatter(x=steps, y=[trial.intermediate_values[s] for s in steps], mode="lines+markers", name=f"trial {trial.number}")
+    for trial in _done(study, TrialState.PRUNED):
+        steps = sorted(trial.intermediate_values)
+        fig.add_scatter(
+            x=steps,
+            y=[trial.intermediate_values[s] for s in steps],
+            mode="lines+markers",
+            name=f"trial {trial.number} (pruned)",
+            line={"dash": "dash", "color": "grey"},
+            marker={"symbol": ["circle"] * (len(steps) - 1) + ["x"], "size": 10},
+        )
+    fig.update_layout(title=f"Dev accuracy per epoch: best {k} trials and pruned trials", xaxis_title="epoch", yaxis_title=METRIC)
+    return fig
+
+
+def latency_scatter(table: pd.DataFrame) -> go.Figure:
+    timed = table.dropna(subset=["latency_batch1_p50_ms"])
+    fig = go.Figure()
+    fig.add_scatter(
+        x=timed["latency_batch1_p50_ms"],
+        y=timed["dev_accuracy"],
+        mode="markers+text",
+        text=timed["model"],
+        textposition="top center",
+        marker={"size": 12, "color": ["crimson" if p else "steelblue" for p in timed["pareto_front"]]},
+        name="models",
+    )
+    front = timed[timed["pareto_front"]].sort_values("latency_batch1_p50_ms")
+    fig.add_scatter(x=front["latency_batch1_p50_ms"], y=front["dev_accuracy"], mode="lines", line={"color": "crimson", "dash": "dot"}, name="Pareto front")
+    fig.update_layout(title="Dev accuracy versus batch-1 latency (PyTorch fp32, p50)", xaxis_title="latency (ms)", yaxis_title=METRIC)
+    return fig
+
+
+def study_figures(study: optuna.Study, k: int) -> dict[str, go.Figure]:
+    """Optuna's own plots; those that need more finished trials than the study has are left out."""
+    searched = sorted({name for t in study.trials for name in t.params})
+    makers = {
+        "history": lambda: vis.plot_optimization_history(study),
+        "importances": lambda: vis.plot_param_importances(study),
+        "parallel": lambda: vis.plot_parallel_coordinate(study, params=searched),
+        "contour": lambda: vis.plot_contour(study, params=list(CONTOUR)) if set(CONTOUR) <= set(searched) else vis.plot_slice(study),
+    }
+    figures = {}
+    enough = len(_done(study, TrialState.COMPLETE)) >= 2
+    for key, make in makers.items():
+        if key == "history" or enough:
+            figures[key] = make()
+    figures["curves"] = epoch_curves(study, k)
+    return figures
+
+
+def trials_frame(study: optuna.Study) -> pd.DataFrame:
+    frame = study.trials_dataframe(attrs=("number", "value", "state", "params", "user_attrs", "intermediate_values", "duration"))
+    return frame.rename(columns={"value": METRIC})
+
+
+# Shown in the page if any script fails, so a broken report never looks like an empty one.
+ERROR_HOOK = """<script>
+window.addEventListener('error', function (e) {
+  var box = document.getElementById('kd-errors');
+  box.hidden = false;
+  box.insertAdjacentHTML('beforeend', '<li class="kd-error">' + String(e.message).replace(/</g, '&lt;') + '</li>');
+});
+</script>"""
+
+STYLE = """<style>
+body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1200px; color: #222; }
+table { border-collapse: collapse; font-size: 0.9rem; } td, th { border: 1px solid #ccc; padding: 0.3rem 0.6rem; }
+#kd-errors { color: #b00; border: 2px solid #b00; padding: 0.5rem 2rem; }
+</style>"""
+
+SECTIONS = {
+    "history": "Optimisation history",
+    "importances": "Parameter importances (fANOVA)",
+    "parallel": "Parallel coordinates: settings against dev accuracy",
+    "contour": "Temperature x alpha",
+    "curves": "Per-epoch dev accuracy",
+    "models": "Teacher, plain student and best students: accuracy versus latency",
+}
+
+
+def render_html(title: str, summary: str, figures: dict[str, go.Figure], table: pd.DataFrame) -> str:
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>", STYLE, ERROR_HOOK, "</head><body>"]
+    parts += [f"<h1>{html.escape(title)}</h1>", "<ul id='kd-errors' hidden></ul>", summary]
+    embedded = False
+    for key, heading in SECTIONS.items():
+        parts.append(f"<section id='{key}'><h2>{heading}</h2>")
+        if key == "models":
+            parts.append(table.to_html(index=False, table_id="models-table", na_rep="-"))
+        if key in figures:
+            # plotly.js is embedded once, with the first figure; the page needs no network.
+            parts.append(figures[key].to_html(full_html=False, include_plotlyjs=not embedded, div_id=f"fig-{key}"))
+            embedded = True
+        elif key != "models":
+            parts.append("<p>Needs at least two finished trials.</p>")
+        parts.append("</section>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def _summary(study: optuna.Study, url: str, champion: str) -> str:
+    counts = {state.name.lower(): len(_done(study, state)) for state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
+    best = _best(study, 1)
+    best_text = f"best trial {best[0].number}: {METRIC} {best[0].value:.4f} with {best[0].params}" if best else "no finished trial yet"
+    return (
+        f"<p>Study <b>{html.escape(study.study_name)}</b> in {html.escape(url)}: {counts['complete']} finished, "
+        f"{counts['pruned']} pruned, {counts['fail']} failed trials; {html.escape(best_text)}. Champion student: {html.escape(champion)}.</p>"
+    )
+
+
+def build_report(cfg: ExperimentConfig) -> Report:
+    study = load_study(cfg)
+    sweep_run_id = study.user_attrs.get(ROOT_ATTR)
+    if not sweep_run_id:
+        raise KDError(f"report: study {study.study_name!r} has no sweep run recorded; run the sweep through `mlflow run . -e sweep`")
+    rows = model_rows(cfg, study)
+    table = models_table(rows, study)
+    figures = study_figures(study, cfg.report.top_k)
+    if table["latency_batch1_p50_ms"].notna().any():
+        figures["models"] = latency_scatter(table)
+    version = tracking.champion(student_model_name(cfg))
+    champion = f"{version.name} version {version.version}" if version else "none registered"
+    _, url = make_storage(cfg.search.storage)
+    page = render_html(f"Sweep report: {cfg.name}", _summary(study, url, champion), figures, table)
+
+    out = Path(cfg.report.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    html_path, csv_path = out / f"{study.study_name}.html", out / f"{study.study_name}.csv"
+    html_path.write_text(page, encoding="utf-8")
+    trials_frame(study).to_csv(csv_path, index=False)
+    tracking.log_files_to(sweep_run_id, [html_path, csv_path], ARTIFACT_DIR)
+    return Report(study.study_name, sweep_run_id, html_path, csv_path, figures, table)
