@@ -66,3 +66,44 @@ def mlflow_run(tmp_path: Path, entry: str, *overrides: str) -> subprocess.Comple
     for override in overrides:
         command += ["-P", override]
     return subprocess.run(command, env=subprocess_env(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=600)
+
+
+SWEPT = ["data.max_eval_examples=200", "train.epochs=2", "search.n_trials=4", "distill.train.epochs=2"]
+
+
+@pytest.fixture(scope="session")
+def swept_store(tmp_path_factory):
+    """A smoke teacher, a plain (alpha = 0) student and a 4-trial sweep, once per session.
+
+    Tests that use it read its study and registry; those that log (evaluate, export, report) add
+    their own runs, so they assert only on what they logged themselves.
+    """
+    from kdlib.config import build_config, parse_overrides
+    from kdlib.distill import run_distill
+    from kdlib.teacher import run_teacher
+    from search.sweep import run_sweep
+
+    folder = tmp_path_factory.mktemp("swept")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{folder / 'mlflow.db'}")
+        mp.chdir(folder)
+        cfg = build_config(SMOKE, parse_overrides(SWEPT))
+        run_teacher(cfg)
+        run_distill(build_config(SMOKE, parse_overrides([*SWEPT, "distill.alpha=0"])))
+        run_sweep(cfg)
+        while mlflow.active_run():
+            mlflow.end_run()
+    return folder
+
+
+@pytest.fixture
+def in_swept(swept_store, monkeypatch):
+    """This test's MLflow store and default Optuna journal are the swept ones."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{swept_store / 'mlflow.db'}")
+    return swept_store
+
+
+def swept_config(*overrides: str):
+    from kdlib.config import build_config, parse_overrides
+
+    return build_config(SMOKE, parse_overrides([*SWEPT, *overrides]))

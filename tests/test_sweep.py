@@ -19,7 +19,7 @@ from kdlib.distill import run_distill
 from kdlib.errors import KDError
 from kdlib.teacher import run_teacher
 from search import space
-from search.__main__ import ALIASES
+from search.__main__ import SEARCH
 from search.sweep import make_storage, run_sweep
 from tests.conftest import SMOKE, mlflow_run
 
@@ -28,7 +28,7 @@ BASE = ["data.max_eval_examples=200", "train.epochs=3"]
 
 def config(*overrides: str):
     raw = parse_overrides([*BASE, *overrides])
-    return build_config(SMOKE, {ALIASES.get(k, k): v for k, v in raw.items()})
+    return build_config(SMOKE, {SEARCH.get(k, k): v for k, v in raw.items()})
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,165 @@
+"""Evaluate and export on the swept smoke store: real metrics, ONNX parity, int8, pyfunc, bad input."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from transformers import BertConfig, BertForMaskedLM
+
+from kdlib import tracking
+from kdlib.data import load_split
+from kdlib.errors import KDError
+from kdlib.evaluate import run_evaluate
+from kdlib.export import run_export
+from kdlib.models import train_wordpiece
+from kdlib.serving import HF_MODEL
+from tests.conftest import mlflow_run, swept_config
+
+STUDENT = "models:/smoke-student@champion"
+TEACHER = "models:/smoke-teacher@champion"
+
+
+def labels_from_pyfunc(uri: str, texts: list[str]) -> np.ndarray:
+    frame = mlflow.pyfunc.load_model(uri).predict(texts)
+    return frame["label"].map({"negative": 0, "positive": 1}).to_numpy()
+
+
+def runs_of(experiment: str = "smoke"):
+    client = MlflowClient()
+    return client.search_runs([client.get_experiment_by_name(experiment).experiment_id], "")
+
+
+@pytest.fixture(scope="module")
+def exported(swept_store):
+    """One export of the champion student, shared by the tests that read it."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{swept_store / 'mlflow.db'}")
+        mp.chdir(swept_store)
+        return run_export(swept_config())
+
+
+def test_evaluate_measures_accuracy_agreement_and_latency_of_the_champion(in_swept):
+    cfg = swept_config("evaluate.latency_calls=20", "evaluate.throughput_batches=3")
+    result = run_evaluate(cfg)
+    dev = load_split(cfg.data, "validation", 200)
+    student, teacher = labels_from_pyfunc(STUDENT, dev.texts), labels_from_pyfunc(TEACHER, dev.texts)
+    assert result.accuracy == pytest.approx(float((student == dev.labels).mean()))
+    assert result.agreement == pytest.approx(float((student == teacher).mean()))
+    assert result.n_examples == 200 and result.backend == "pytorch fp32"
+    assert 0 < result.latency.batch1_p50_ms <= result.latency.batch1_p95_ms and result.latency.throughput > 0
+    assert result.latency.threads == torch.get_num_threads()
+    run = MlflowClient().get_run(result.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["kd.model_uri"] == STUDENT
+    assert run.data.metrics["accuracy"] == pytest.approx(result.accuracy)
+    assert run.data.metrics["latency_batch1_p50_ms"] == pytest.approx(result.latency.batch1_p50_ms)
+    assert run.data.metrics["throughput_batch32_per_s"] == pytest.approx(result.latency.throughput)
+    assert run.data.params["split"] == "validation" and run.data.params["evaluate.model_uri"] == STUDENT
+    assert run.data.metrics["parameters"] == sum(p.numel() for p in mlflow.pyfunc.load_model(STUDENT).unwrap_python_model().backend.model.parameters())
+
+
+def test_evaluate_bf16_and_the_teacher_itself(in_swept):
+    bf16 = run_evaluate(swept_config("evaluate.precision=bf16", "evaluate.latency_calls=5", "evaluate.throughput_batches=1"))
+    assert bf16.backend == "pytorch bf16" and 0.5 < bf16.accuracy <= 1
+    teacher = run_evaluate(swept_config(f"evaluate.model_uri={TEACHER}", "evaluate.latency_calls=5", "evaluate.throughput_batches=1"))
+    assert teacher.agreement == 1.0
+
+
+def test_export_reproduces_pytorch_and_serves_raw_strings(in_swept, exported):
+    assert exported.max_abs_diff <= 1e-4
+    assert exported.accuracy["fp32"] == exported.accuracy["pytorch"]
+    assert abs(exported.accuracy["int8"] - exported.accuracy["fp32"]) <= 0.05
+    texts = load_split(swept_config().data, "validation", 200).texts
+    assert (labels_from_pyfunc(exported.model_uris["fp32"], texts) == labels_from_pyfunc(STUDENT, texts)).all()
+    frame = mlflow.pyfunc.load_model(exported.model_uris["int8"]).predict(["a gorgeous, witty film", "a dull mess"])
+    assert list(frame.columns) == ["label", "score", "prob_negative", "prob_positive"] and len(frame) == 2
+    np.testing.assert_allclose(frame["prob_negative"] + frame["prob_positive"], 1.0, rtol=1e-6)
+
+    client = MlflowClient()
+    run = client.get_run(exported.run_id)
+    champion = client.get_model_version_by_alias("smoke-student", "champion")
+    assert run.data.tags["kd.source_model_name"] == "smoke-student" and run.data.tags["kd.source_model_version"] == str(champion.version)
+    assert champion.tags["kd.onnx_export_run"] == exported.run_id
+    assert run.data.metrics["max_abs_logit_diff"] == pytest.approx(exported.max_abs_diff)
+    assert run.data.metrics["onnx_int8_accuracy"] == pytest.approx(exported.accuracy["int8"])
+    if exported.tensorrt != "built":
+        assert run.data.tags["kd.tensorrt"].startswith("skipped: tensorrt is not importable")
+
+
+def test_evaluate_an_exported_onnx_model(in_swept, exported):
+    result = run_evaluate(swept_config(f"evaluate.model_uri={exported.model_uris['int8']}", "evaluate.latency_calls=5", "evaluate.throughput_batches=1"))
+    assert result.backend == "onnxruntime" and result.accuracy == pytest.approx(exported.accuracy["int8"])
+    with pytest.raises(KDError, match="evaluate.precision = 'bf16' applies to PyTorch models"):
+        run_evaluate(swept_config(f"evaluate.model_uri={exported.model_uris['fp32']}", "evaluate.precision=bf16"))
+    with pytest.raises(KDError, match="is already an ONNX model"):
+        run_export(swept_config(f"export.model_uri={exported.model_uris['fp32']}"))
+
+
+def _log_masked_lm() -> str:
+    """A logged model in this project's format whose network is a masked LM, not a classifier."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / HF_MODEL
+        BertForMaskedLM(BertConfig(vocab_size=120, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)).save_pretrained(path)
+        train_wordpiece(["a tiny corpus", "for a tiny tokenizer"], 120).save_pretrained(path)
+        mlflow.set_experiment("not-a-classifier")
+        with mlflow.start_run():
+            uri = tracking.log_text_classifier(path, HF_MODEL, ["negative", "positive"], 32, "model")
+    return uri
+
+
+@pytest.mark.parametrize(
+    "job, overrides, message",
+    [
+        (run_evaluate, ["evaluate.model_uri=models:/nope@champion"], "model_uri 'models:/nope@champion' not found in the MLflow store .*Registered Model with name=nope not found"),
+        (run_evaluate, ["evaluate.model_uri=models:/smoke-student/99"], "not found .*Model Version .*version=99.* not found"),
+        (run_export, ["export.model_uri=smoke-student"], "'smoke-student' is not a model URI; expected models:/<name>@<alias>"),
+        (run_evaluate, ["evaluate.split=nosuch"], "data: builtin:sentiment has no split 'nosuch'"),
+        (run_evaluate, ["evaluate.teacher_uri=models:/nope/1"], "model_uri 'models:/nope/1' not found"),
+    ],
+)
+def test_bad_input_one_message_and_no_run(in_swept, job, overrides, message):
+    before = len(runs_of())
+    with pytest.raises(KDError, match=message):
+        job(swept_config(*overrides))
+    assert len(runs_of()) == before and mlflow.active_run() is None
+
+
+def test_run_without_a_model_and_models_of_other_kinds(in_swept):
+    teacher_run = MlflowClient().get_model_version_by_alias("smoke-teacher", "champion").run_id
+    before = len(runs_of())
+    for uri in (f"runs:/{teacher_run}/no_such_model", f"runs:/{teacher_run}"):
+        with pytest.raises(KDError, match=f"model_uri '{uri}' not found .*that run has no model there"):
+            run_evaluate(swept_config(f"evaluate.model_uri={uri}"))
+    with pytest.raises(KDError, match="holds BertForMaskedLM, not a sequence classifier"):
+        run_export(swept_config(f"export.model_uri={_log_masked_lm()}"))
+
+    class Echo(mlflow.pyfunc.PythonModel):
+        def predict(self, context, model_input: list[str], params=None) -> list[str]:
+            return model_input
+
+    with mlflow.start_run():
+        foreign = mlflow.pyfunc.log_model(name="model", python_model=Echo()).model_uri
+    with pytest.raises(KDError, match="is not a text classifier of this project"):
+        run_export(swept_config(f"export.model_uri={foreign}"))
+    assert len(runs_of()) == before
+
+
+@pytest.mark.e2e
+def test_mlflow_run_export_and_evaluate_as_documented(in_swept):
+    done = mlflow_run(in_swept, "export", f"model_uri={STUDENT}", "data.max_eval_examples=200")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "ONNX int8: mlflow.pyfunc.load_model(" in done.stdout and "TensorRT:" in done.stdout
+    done = mlflow_run(in_swept, "evaluate", f"model_uri={STUDENT}", "data.max_eval_examples=200", "evaluate.latency_calls=5")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| models:/smoke-student@champion | pytorch fp32 | validation (200) |" in done.stdout
+    bad = mlflow_run(in_swept, "evaluate", "model_uri=models:/nope@champion")
+    assert bad.returncode != 0
+    assert [line for line in bad.stderr.splitlines() if line.startswith("error:")] == [
+        f"error: model_uri 'models:/nope@champion' not found in the MLflow store {mlflow.get_tracking_uri()}: "
+        "Registered Model with name=nope not found; expected models:/<name>@<alias>, models:/<name>/<version> or runs:/<run id>/model"
+    ]
