@@ -178,7 +178,9 @@ def latency_scatter(table: pd.DataFrame) -> go.Figure:
         name="models",
     )
     front = timed[timed["pareto_front"]].sort_values("latency_batch1_p50_ms")
-    fig.add_scatter(x=front["latency_batch1_p50_ms"], y=front["dev_accuracy"], mode="lines", line={"color": "crimson", "dash": "dot"}, name="Pareto front")
+    fig.add_scatter(
+        x=front["latency_batch1_p50_ms"], y=front["dev_accuracy"], mode="lines", line={"color": "crimson", "dash": "dot"}, name="Pareto front"
+    )
     fig.update_layout(title="Dev accuracy versus batch-1 latency (PyTorch fp32, p50)", xaxis_title="latency (ms)", yaxis_title=METRIC)
     return fig
 

@@ -60,7 +60,9 @@ def test_evaluate_measures_accuracy_agreement_and_latency_of_the_champion(in_swe
     assert run.data.metrics["latency_batch1_p50_ms"] == pytest.approx(result.latency.batch1_p50_ms)
     assert run.data.metrics["throughput_batch32_per_s"] == pytest.approx(result.latency.throughput)
     assert run.data.params["split"] == "validation" and run.data.params["evaluate.model_uri"] == STUDENT
-    assert run.data.metrics["parameters"] == sum(p.numel() for p in mlflow.pyfunc.load_model(STUDENT).unwrap_python_model().backend.model.parameters())
+    assert run.data.metrics["parameters"] == sum(
+        p.numel() for p in mlflow.pyfunc.load_model(STUDENT).unwrap_python_model().backend.model.parameters()
+    )
 
 
 def test_evaluate_bf16_and_the_teacher_itself(in_swept):
@@ -92,7 +94,9 @@ def test_export_reproduces_pytorch_and_serves_raw_strings(in_swept, exported):
 
 
 def test_evaluate_an_exported_onnx_model(in_swept, exported):
-    result = run_evaluate(swept_config(f"evaluate.model_uri={exported.model_uris['int8']}", "evaluate.latency_calls=5", "evaluate.throughput_batches=1"))
+    result = run_evaluate(
+        swept_config(f"evaluate.model_uri={exported.model_uris['int8']}", "evaluate.latency_calls=5", "evaluate.throughput_batches=1")
+    )
     assert result.backend == "onnxruntime" and result.accuracy == pytest.approx(exported.accuracy["int8"])
     with pytest.raises(KDError, match="evaluate.precision = 'bf16' applies to PyTorch models"):
         run_evaluate(swept_config(f"evaluate.model_uri={exported.model_uris['fp32']}", "evaluate.precision=bf16"))
@@ -104,7 +108,9 @@ def _log_masked_lm() -> str:
     """A logged model in this project's format whose network is a masked LM, not a classifier."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / HF_MODEL
-        BertForMaskedLM(BertConfig(vocab_size=120, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)).save_pretrained(path)
+        BertForMaskedLM(BertConfig(vocab_size=120, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)).save_pretrained(
+            path
+        )
         train_wordpiece(["a tiny corpus", "for a tiny tokenizer"], 120).save_pretrained(path)
         mlflow.set_experiment("not-a-classifier")
         with mlflow.start_run():
@@ -115,7 +121,11 @@ def _log_masked_lm() -> str:
 @pytest.mark.parametrize(
     "job, overrides, message",
     [
-        (run_evaluate, ["evaluate.model_uri=models:/nope@champion"], "model_uri 'models:/nope@champion' not found in the MLflow store .*Registered Model with name=nope not found"),
+        (
+            run_evaluate,
+            ["evaluate.model_uri=models:/nope@champion"],
+            "model_uri 'models:/nope@champion' not found in the MLflow store .*Registered Model with name=nope not found",
+        ),
         (run_evaluate, ["evaluate.model_uri=models:/smoke-student/99"], "not found .*Model Version .*version=99.* not found"),
         (run_export, ["export.model_uri=smoke-student"], "'smoke-student' is not a model URI; expected models:/<name>@<alias>"),
         (run_evaluate, ["evaluate.split=nosuch"], "data: builtin:sentiment has no split 'nosuch'"),

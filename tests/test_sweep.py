@@ -171,16 +171,19 @@ def test_worse_sweep_leaves_the_student_champion(with_teacher):
 
 @pytest.mark.e2e
 def test_mlflow_run_main_runs_teacher_then_sweep(tmp_path):
-    done = mlflow_run(tmp_path, "main", "n_trials=2", "data.max_eval_examples=200", "train.epochs=2")
+    out = tmp_path / "reports"
+    done = mlflow_run(tmp_path, "main", "n_trials=2", "data.max_eval_examples=200", "train.epochs=2", f"output_dir={out}")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "mlflow ui" in done.stdout and "models:/smoke-student@champion" in done.stdout
+    assert f"report: {out / 'smoke-sweep.html'}" in done.stdout  # every sweep ends with its report
     client = MlflowClient()
     assert client.get_model_version_by_alias("smoke-teacher", "champion")
     student = client.get_model_version_by_alias("smoke-student", "champion")
     sweep_run = client.get_run(client.get_run(student.run_id).data.tags["mlflow.parentRunId"])
     assert sweep_run.data.params["search.n_trials"] == "2"  # -P n_trials reached search.n_trials
     assert len(trials("smoke-sweep")) == 2
+    assert {a.path for a in client.list_artifacts(sweep_run.info.run_id, "report")} == {"report/smoke-sweep.html", "report/smoke-sweep.csv"}
     # A second `main` finds the champion teacher and goes straight to the (already finished) sweep.
-    again = mlflow_run(tmp_path, "main", "n_trials=2", "data.max_eval_examples=200", "train.epochs=2")
+    again = mlflow_run(tmp_path, "main", "n_trials=2", "data.max_eval_examples=200", "train.epochs=2", f"output_dir={out}")
     assert again.returncode == 0 and "teacher:" not in again.stdout
     assert len(client.search_model_versions("name = 'smoke-teacher'")) == 1
