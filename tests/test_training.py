@@ -62,7 +62,8 @@ def test_eval_logits_come_back_in_example_order(tmp_path):
     result.model.eval()
     with torch.no_grad():
         for ids in dev.input_ids[:20]:
-            one_by_one.append(result.model(input_ids=torch.as_tensor(ids[None], dtype=torch.long)).logits[0])
+            ids = torch.as_tensor(ids[None], dtype=torch.long, device=result.model.device)  # fit leaves it on the GPU if there is one
+            one_by_one.append(result.model(input_ids=ids).logits[0].cpu())
     assert torch.allclose(torch.from_numpy(sorted_logits[:20]), torch.stack(one_by_one), atol=1e-4)
 
 
