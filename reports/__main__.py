@@ -20,7 +20,7 @@ def _report(cfg: ExperimentConfig) -> None:
     from reports.report import build_report
 
     report = build_report(cfg)
-    print(f"report: {report.html} (open it in a browser; it needs no network) and {report.csv}")
+    print(f"report: {report.html.resolve()} (open it in a browser; it needs no network) and {report.csv.resolve()}")
     print(f"logged on the sweep run {report.sweep_run_id} under report/")
 
 
