@@ -161,10 +161,10 @@ def run_export(cfg: ExperimentConfig) -> ExportResult:
                     "int8_accuracy_change_points": 100 * (accuracy["int8"] - accuracy["fp32"]),
                 }
             )
-            model_uris = {
-                kind: tracking.log_text_classifier(folder, ONNX_MODEL, label_names, source.max_length, MODELS[kind])
-                for kind, folder in folders.items()
-            }
+            for kind, folder in folders.items():
+                tracking.log_text_classifier(folder, ONNX_MODEL, label_names, source.max_length, MODELS[kind])
+            # The export run's own path names which export a model came from, unlike a models:/m-<id>.
+            model_uris = {kind: f"runs:/{run.info.run_id}/{MODELS[kind]}" for kind in folders}
             if tensorrt == "built":
                 tracking.log_folder(work / "tensorrt", "tensorrt", "kd.tensorrt_engine")
             tracking.set_version_tag(source, "kd.onnx_export_run", run.info.run_id)

@@ -30,7 +30,7 @@ from kdlib.serving import HF_MODEL, ONNX_MODEL
 
 CHAMPION = "champion"
 SERVING_CODE = Path(__file__).with_name("serving.py")
-URI_FORMS = "models:/<name>@<alias>, models:/<name>/<version> or runs:/<run id>/model"
+URI_FORMS = "models:/<name>@<alias>, models:/<name>/<version> or runs:/<run id>/<model name>"
 # Settings of the jobs that act on a trained model; training runs do not log them.
 POST_TRAINING = ("evaluate.", "export.", "report.")
 # A run started by `mlflow run` hands its id to the command through this variable.

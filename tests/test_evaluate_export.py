@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import tempfile
 from pathlib import Path
 
@@ -163,7 +164,11 @@ def test_run_without_a_model_and_models_of_other_kinds(in_swept):
 def test_mlflow_run_export_and_evaluate_as_documented(in_swept):
     done = mlflow_run(in_swept, "export", f"model_uri={STUDENT}", "data.max_eval_examples=200")
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "ONNX int8: mlflow.pyfunc.load_model(" in done.stdout and "TensorRT:" in done.stdout
+    assert "TensorRT:" in done.stdout
+    int8 = re.search(r"ONNX int8: mlflow\.pyfunc\.load_model\('(runs:/\w+/onnx_int8)'\)", done.stdout).group(1)
+    done = mlflow_run(in_swept, "evaluate", f"model_uri={int8}", "data.max_eval_examples=200", "evaluate.latency_calls=5")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"| {int8} | onnxruntime | validation (200) |" in done.stdout
     done = mlflow_run(in_swept, "evaluate", f"model_uri={STUDENT}", "data.max_eval_examples=200", "evaluate.latency_calls=5")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "| models:/smoke-student@champion | pytorch fp32 | validation (200) |" in done.stdout
@@ -171,5 +176,5 @@ def test_mlflow_run_export_and_evaluate_as_documented(in_swept):
     assert bad.returncode != 0
     assert [line for line in bad.stderr.splitlines() if line.startswith("error:")] == [
         f"error: model_uri 'models:/nope@champion' not found in the MLflow store {mlflow.get_tracking_uri()}: "
-        "Registered Model with name=nope not found; expected models:/<name>@<alias>, models:/<name>/<version> or runs:/<run id>/model"
+        "Registered Model with name=nope not found; expected models:/<name>@<alias>, models:/<name>/<version> or runs:/<run id>/<model name>"
     ]
