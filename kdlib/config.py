@@ -218,7 +218,8 @@ class ReportConfig:
     output_dir: str = "reports/output"
     # Best trials whose epoch curves, size and latency are shown.
     top_k: int = 5
-    # Timed batch-1 calls per model for the accuracy-versus-latency view; 0 leaves latency out.
+    # Timed batch-1 calls per model (PyTorch fp32, after evaluate.warmup calls) for the accuracy-versus-
+    # latency view, taken in 5 rounds in which the models take turns; 0 leaves latency out.
     latency_calls: int = 50
 
     def __post_init__(self) -> None:

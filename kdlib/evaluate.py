@@ -88,18 +88,31 @@ def footprint(source: ModelSource, backend: TorchBackend | OrtBackend) -> tuple[
     return parameters, size / 1e6
 
 
-def measure_latency(backend: TorchBackend | OrtBackend, texts: list[str], cfg: EvaluateConfig, calls: int | None = None) -> Latency:
-    """Batch-1 p50/p95 over ``calls`` sentences and throughput over batches of the split's sentences."""
-    calls = calls or cfg.latency_calls
+def sentence_stream(texts: list[str]):
+    """The i-th sentence of a fixed shuffle of ``texts``, wrapping around, so every model sees the same inputs."""
     shuffled = [texts[i] for i in np.random.default_rng(0).permutation(len(texts))]
-    pick = lambda i: shuffled[i % len(shuffled)]  # noqa: E731 - the split may be shorter than the calls
-    for i in range(cfg.warmup):
-        backend.logits([pick(i)])
+    return lambda i: shuffled[i % len(shuffled)]
+
+
+def batch1_times(backend: TorchBackend | OrtBackend, pick, start: int, calls: int) -> list[float]:
+    """Seconds of each one-sentence call on sentences start .. start + calls - 1 of ``pick``."""
     times = []
-    for i in range(calls):
+    for i in range(start, start + calls):
         started = time.perf_counter()
         backend.logits([pick(i)])
         times.append(time.perf_counter() - started)
+    return times
+
+
+def backend_threads(backend: TorchBackend | OrtBackend) -> int:
+    return backend.threads if isinstance(backend, OrtBackend) else torch.get_num_threads()
+
+
+def measure_latency(backend: TorchBackend | OrtBackend, texts: list[str], cfg: EvaluateConfig) -> Latency:
+    """Batch-1 p50/p95 over ``cfg.latency_calls`` sentences and throughput over batches of the split's sentences."""
+    pick = sentence_stream(texts)
+    batch1_times(backend, pick, 0, cfg.warmup)
+    times = batch1_times(backend, pick, 0, cfg.latency_calls)
     size = cfg.throughput_batch_size
     batches = [[pick(b * size + j) for j in range(size)] for b in range(cfg.throughput_batches)]
     backend.logits(batches[0])
@@ -108,8 +121,7 @@ def measure_latency(backend: TorchBackend | OrtBackend, texts: list[str], cfg: E
         backend.logits(batch)
     elapsed = time.perf_counter() - started
     p50, p95 = np.percentile(np.array(times) * 1e3, [50, 95])
-    threads = backend.threads if isinstance(backend, OrtBackend) else torch.get_num_threads()
-    return Latency(threads, float(p50), float(p95), size, size * len(batches) / elapsed)
+    return Latency(backend_threads(backend), float(p50), float(p95), size, size * len(batches) / elapsed)
 
 
 def _teacher_logits(cfg: ExperimentConfig, source: ModelSource, own: np.ndarray, split: TextSplit, tmp: str) -> np.ndarray | None:

@@ -8,12 +8,14 @@ sweep's parent run under ``report/``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import html
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import optuna
 import pandas as pd
 import plotly.graph_objects as go
@@ -25,12 +27,13 @@ from kdlib.config import ExperimentConfig
 from kdlib.data import load_split
 from kdlib.distill import METRIC, student_model_name
 from kdlib.errors import KDError
-from kdlib.evaluate import footprint, load_backend, measure_latency
+from kdlib.evaluate import batch1_times, footprint, load_backend, sentence_stream
 from kdlib.teacher import teacher_model_name
 from search.sweep import ROOT_ATTR, default_storage, make_storage, study_name
 
 ARTIFACT_DIR = "report"
 CONTOUR = ("distill.temperature", "distill.alpha")
+LATENCY_ROUNDS = 5
 
 
 @dataclass(frozen=True)
@@ -99,18 +102,27 @@ def _candidates(cfg: ExperimentConfig, study: optuna.Study) -> list[tuple[str, s
 
 
 def model_rows(cfg: ExperimentConfig, study: optuna.Study) -> list[ModelRow]:
-    """Size and batch-1 latency of each candidate, measured now on the eval split's sentences."""
-    texts = load_split(cfg.data, cfg.data.eval_split, cfg.data.max_eval_examples).texts
-    timing = dataclasses.replace(cfg.evaluate, latency_calls=max(cfg.report.latency_calls, 1), warmup=5, throughput_batches=1)
-    rows = []
-    for label, uri, run_id, accuracy in _candidates(cfg, study):
-        with tempfile.TemporaryDirectory(prefix="kd-report-") as tmp:
-            source = tracking.fetch_model(uri, tmp)
-            backend = load_backend(source, "fp32", threads=timing.threads or 0)
-            parameters, size_mb = footprint(source, backend)
-            latency = measure_latency(backend, texts, timing).batch1_p50_ms if cfg.report.latency_calls else None
-        rows.append(ModelRow(label, uri, run_id, accuracy, parameters, size_mb, latency))
-    return rows
+    """Size and batch-1 latency (PyTorch fp32, p50) of each candidate, measured now on the eval split.
+
+    The models take turns in rounds, so a slow spell of the host slows them all alike rather than
+    deciding which one looks faster.
+    """
+    pick = sentence_stream(load_split(cfg.data, cfg.data.eval_split, cfg.data.max_eval_examples).texts)
+    calls = cfg.report.latency_calls
+    with contextlib.ExitStack() as folders:
+        loaded = []
+        for label, uri, run_id, accuracy in _candidates(cfg, study):
+            source = tracking.fetch_model(uri, folders.enter_context(tempfile.TemporaryDirectory(prefix="kd-report-")))
+            backend = load_backend(source, "fp32", threads=cfg.evaluate.threads or 0)
+            loaded.append((ModelRow(label, uri, run_id, accuracy, *footprint(source, backend), latency_ms=None), backend))
+        times = {row.model: [] for row, _ in loaded}
+        per_round = -(-calls // LATENCY_ROUNDS)
+        for round_ in range(LATENCY_ROUNDS if calls else 0):
+            for row, backend in loaded:
+                if round_ == 0:
+                    batch1_times(backend, pick, 0, cfg.evaluate.warmup)
+                times[row.model] += batch1_times(backend, pick, round_ * per_round, per_round)
+    return [dataclasses.replace(row, latency_ms=1e3 * float(np.median(times[row.model])) if calls else None) for row, _ in loaded]
 
 
 def pareto(rows: list[ModelRow]) -> set[str]:
