@@ -130,10 +130,10 @@ def _teacher_logits(cfg: ExperimentConfig, source: ModelSource, own: np.ndarray,
     if uri and uri.lower() == "none":
         return None
     if uri is None:
-        uri = tracking.champion_uri(teacher_model_name(cfg))
-        if tracking.champion_metric(teacher_model_name(cfg), "dev_accuracy")[0] is None:
+        if tracking.champion(teacher_model_name(cfg)) is None:
             print(f"evaluate: no champion teacher {teacher_model_name(cfg)!r}, so no agreement is measured")
             return None
+        uri = tracking.champion_uri(teacher_model_name(cfg))
     teacher = tracking.fetch_model(uri, str(Path(tmp) / "teacher"))
     if (teacher.run_id, teacher.kind) == (source.run_id, source.kind):
         return own  # a run logs one model of each kind: this is the teacher itself
