@@ -231,7 +231,7 @@ window.addEventListener('error', function (e) {
 
 STYLE = """<style>
 body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1200px; color: #222; }
-table { border-collapse: collapse; font-size: 0.9rem; } td, th { border: 1px solid #ccc; padding: 0.3rem 0.6rem; }
+table { border-collapse: collapse; font-size: 0.9rem; display: block; overflow-x: auto; } td, th { border: 1px solid #ccc; padding: 0.3rem 0.6rem; }
 #kd-errors { color: #b00; border: 2px solid #b00; padding: 0.5rem 2rem; }
 </style>"""
 
