@@ -68,7 +68,11 @@ def load_study(cfg: ExperimentConfig) -> optuna.Study:
     try:
         return optuna.load_study(study_name=name, storage=storage)
     except KeyError:
-        raise KDError(f"report: no study {name!r} in {url}; set search.study_name to the sweep's study or run the sweep first") from None
+        there = ", ".join(optuna.get_all_study_names(storage)) or "none"
+        raise KDError(
+            f"report: no study {name!r} in {url} (studies there: {there}); pass the experiment file the sweep ran with "
+            "(-P experiment=...) or set search.study_name"
+        ) from None
 
 
 def _done(study: optuna.Study, state: TrialState) -> list[FrozenTrial]:

@@ -129,6 +129,11 @@ def test_report_before_any_sweep_says_what_to_run(tmp_path):
     assert not (tmp_path / "optuna-journal.log").exists() and not (tmp_path / "reports").exists()
 
 
+def test_report_of_another_study_names_the_studies_there(in_swept):
+    with pytest.raises(KDError, match=r"report: no study 'nope' in .*optuna-journal.log \(studies there: smoke-sweep\); pass the experiment file"):
+        build_report(swept_config("search.study_name=nope"))
+
+
 @pytest.mark.e2e
 def test_mlflow_run_report_as_documented(in_swept, tmp_path):
     done = mlflow_run(in_swept, "report", f"output_dir={tmp_path}", "data.max_eval_examples=200", "report.latency_calls=3")
