@@ -7,6 +7,7 @@ Errors the user can fix print one line and exit with status 2, never a traceback
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 
@@ -67,6 +68,17 @@ ALIASES = {
 }
 
 
+def _quiet_progress_bars() -> None:
+    """Per-file download and weight-loading bars would flood the job's log with nothing its own lines lack.
+
+    MLflow's come back with MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=true.
+    """
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def run(
     prog: str, jobs: dict[str, Callable[[ExperimentConfig], None]], argv: list[str] | None, aliases: dict[str, dict[str, str]] | None = None
 ) -> int:
@@ -82,6 +94,7 @@ def run(
         short = (aliases or {}).get(args.job, {})
         overrides = {short.get(key, key): value for key, value in parse_overrides(rest).items()}
         cfg = build_config(args.experiment, overrides)
+        _quiet_progress_bars()
         jobs[args.job](cfg)
     except KDError as exc:
         print(f"error: {exc}", file=sys.stderr)
