@@ -104,10 +104,6 @@ def batch1_times(backend: TorchBackend | OrtBackend, pick, start: int, calls: in
     return times
 
 
-def backend_threads(backend: TorchBackend | OrtBackend) -> int:
-    return backend.threads if isinstance(backend, OrtBackend) else torch.get_num_threads()
-
-
 def measure_latency(backend: TorchBackend | OrtBackend, texts: list[str], cfg: EvaluateConfig) -> Latency:
     """Batch-1 p50/p95 over ``cfg.latency_calls`` sentences and throughput over batches of the split's sentences."""
     pick = sentence_stream(texts)
@@ -121,7 +117,8 @@ def measure_latency(backend: TorchBackend | OrtBackend, texts: list[str], cfg: E
         backend.logits(batch)
     elapsed = time.perf_counter() - started
     p50, p95 = np.percentile(np.array(times) * 1e3, [50, 95])
-    return Latency(backend_threads(backend), float(p50), float(p95), size, size * len(batches) / elapsed)
+    threads = backend.threads if isinstance(backend, OrtBackend) else torch.get_num_threads()
+    return Latency(threads, float(p50), float(p95), size, size * len(batches) / elapsed)
 
 
 def _teacher_logits(cfg: ExperimentConfig, source: ModelSource, own: np.ndarray, split: TextSplit, tmp: str) -> np.ndarray | None:
