@@ -85,7 +85,7 @@ def quantize_int8(src: Path, dst: Path) -> Path:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns(f"{ONNX_FILE}*"))
-    # Per-channel scales kept SST-2 dev accuracy within 0.25 point of fp32 where per-tensor lost 0.7.
+    # Per-channel scales: the sst2-minilm champion lost 0.23 points of dev accuracy against fp32, 0.46 per-tensor.
     quantize_dynamic(src / ONNX_FILE, dst / ONNX_FILE, weight_type=QuantType.QInt8, per_channel=True)
     return dst
 
