@@ -120,12 +120,13 @@ def model_rows(cfg: ExperimentConfig, study: optuna.Study) -> list[ModelRow]:
             backend = load_backend(source, "fp32", threads=cfg.evaluate.threads or 0)
             loaded.append((ModelRow(label, uri, run_id, accuracy, *footprint(source, backend), latency_ms=None), backend))
         times = {row.model: [] for row, _ in loaded}
-        per_round = -(-calls // LATENCY_ROUNDS)
-        for round_ in range(LATENCY_ROUNDS if calls else 0):
-            for row, backend in loaded:
-                if round_ == 0:
-                    batch1_times(backend, pick, 0, cfg.evaluate.warmup)
-                times[row.model] += batch1_times(backend, pick, round_ * per_round, per_round)
+        if calls:
+            for _, backend in loaded:
+                batch1_times(backend, pick, 0, cfg.evaluate.warmup)
+            per_round = -(-calls // LATENCY_ROUNDS)
+            for round_ in range(LATENCY_ROUNDS):
+                for row, backend in loaded:
+                    times[row.model] += batch1_times(backend, pick, round_ * per_round, per_round)
     return [dataclasses.replace(row, latency_ms=1e3 * float(np.median(times[row.model])) if calls else None) for row, _ in loaded]
 
 

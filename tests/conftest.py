@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -68,6 +69,15 @@ def mlflow_run(tmp_path: Path, entry: str, *overrides: str) -> subprocess.Comple
     return subprocess.run(command, env=subprocess_env(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=600)
 
 
+@contextlib.contextmanager
+def in_store(folder: Path):
+    """MLflow at ``folder``'s SQLite store, working in ``folder``, for fixtures wider than one test."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{folder / 'mlflow.db'}")
+        mp.chdir(folder)
+        yield
+
+
 SWEPT = ["data.max_eval_examples=200", "train.epochs=2", "search.n_trials=4", "distill.train.epochs=2"]
 
 
@@ -78,19 +88,15 @@ def swept_store(tmp_path_factory):
     Tests that use it read its study and registry; those that log (evaluate, export, report) add
     their own runs, so they assert only on what they logged themselves.
     """
-    from kdlib.config import build_config, parse_overrides
     from kdlib.distill import run_distill
     from kdlib.teacher import run_teacher
     from search.sweep import run_sweep
 
     folder = tmp_path_factory.mktemp("swept")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{folder / 'mlflow.db'}")
-        mp.chdir(folder)
-        cfg = build_config(SMOKE, parse_overrides(SWEPT))
-        run_teacher(cfg)
-        run_distill(build_config(SMOKE, parse_overrides([*SWEPT, "distill.alpha=0"])))
-        run_sweep(cfg)
+    with in_store(folder):
+        run_teacher(swept_config())
+        run_distill(swept_config("distill.alpha=0"))
+        run_sweep(swept_config())
         while mlflow.active_run():
             mlflow.end_run()
     return folder

@@ -20,7 +20,7 @@ from kdlib.evaluate import run_evaluate
 from kdlib.export import run_export
 from kdlib.models import train_wordpiece
 from kdlib.serving import HF_MODEL
-from tests.conftest import mlflow_run, swept_config
+from tests.conftest import in_store, mlflow_run, swept_config
 
 STUDENT = "models:/smoke-student@champion"
 TEACHER = "models:/smoke-teacher@champion"
@@ -39,9 +39,7 @@ def runs_of(experiment: str = "smoke"):
 @pytest.fixture(scope="module")
 def exported(swept_store):
     """One export of the champion student, shared by the tests that read it."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{swept_store / 'mlflow.db'}")
-        mp.chdir(swept_store)
+    with in_store(swept_store):
         return run_export(swept_config())
 
 

@@ -16,7 +16,7 @@ from optuna.trial import TrialState, create_trial
 
 from kdlib.errors import KDError
 from reports.report import ERROR_HOOK, ModelRow, build_report, epoch_curves, pareto
-from tests.conftest import mlflow_run, swept_config
+from tests.conftest import in_store, mlflow_run, swept_config
 
 CHROMIUM = next((shutil.which(name) for name in ("chromium", "chromium-browser", "google-chrome") if shutil.which(name)), None)
 
@@ -29,9 +29,7 @@ def study_of(store: Path) -> optuna.Study:
 @pytest.fixture(scope="module")
 def report(swept_store, tmp_path_factory):
     out = tmp_path_factory.mktemp("report")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{swept_store / 'mlflow.db'}")
-        mp.chdir(swept_store)
+    with in_store(swept_store):
         return build_report(swept_config(f"report.output_dir={out}", "report.latency_calls=5"))
 
 

@@ -21,7 +21,7 @@ from kdlib.teacher import run_teacher
 from search import space
 from search.__main__ import SEARCH
 from search.sweep import make_storage, run_sweep
-from tests.conftest import SMOKE, mlflow_run
+from tests.conftest import SMOKE, in_store, mlflow_run
 
 BASE = ["data.max_eval_examples=200", "train.epochs=3"]
 
@@ -35,9 +35,7 @@ def config(*overrides: str):
 def teacher_store(tmp_path_factory):
     """One smoke teacher per module; each test gets its own copy of the store (artifacts are shared, read-only)."""
     folder = tmp_path_factory.mktemp("teacher")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{folder / 'mlflow.db'}")
-        mp.chdir(folder)
+    with in_store(folder):
         run_teacher(config())
     return folder / "mlflow.db"
 
