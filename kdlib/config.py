@@ -1,9 +1,14 @@
-"""Typed configuration: every default lives here, once.
+"""Typed configuration: every default and every setting's meaning live here, once.
 
 Precedence (lowest to highest): these dataclass defaults, the experiment YAML, command-line
 overrides given as dotted keys (``train.learning_rate=3e-5`` or ``--train.learning_rate 3e-5``,
-the form ``mlflow run -P`` passes). Each dataclass checks its own ranges in ``__post_init__``;
-``build_config`` checks keys and types, so every mistake is reported with the key that holds it.
+the form ``mlflow run -P`` passes). OmegaConf structured configs merge the three field by field at
+every depth, starting from the default *instances* (so ``distill.train`` keeps its own learning
+rate when one of its other fields is set) and convert values to each field's declared type. Each
+dataclass checks its own ranges in ``__post_init__``. Every mistake becomes one ``KDError`` line
+that names the key and what was expected.
+
+Each class's docstring has one ``name: meaning`` line per field; ``--help`` prints them.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from kdlib.errors import KDError
 
@@ -37,16 +44,25 @@ def _check(ok: bool, key: str, expected: str, value: Any) -> None:
 
 @dataclass(frozen=True)
 class DataConfig:
-    # Hub dataset name, a folder (GLUE train.tsv/dev.tsv, {split}.csv|jsonl|parquet files, or a
-    # save_to_disk folder), or "builtin:sentiment" for the generated demo sample.
+    """The labelled sentences.
+
+    source: hub dataset name; a folder (GLUE train.tsv/dev.tsv, <split>.csv|jsonl|parquet, or save_to_disk); or builtin:sentiment
+    train_split: split the models train on
+    eval_split: split scored after every epoch and by evaluate/export
+    text_column: column holding the sentence
+    label_column: column holding the label (an id 0..n-1 or one of label_names)
+    label_names: the label set, in id order
+    max_length: wordpieces kept per sentence (SST-2 averages ~13, so 128 truncates almost nothing)
+    max_train_examples: use only the first N training sentences (null: all)
+    max_eval_examples: use only the first N evaluation sentences (null: all)
+    """
+
     source: str = "stanfordnlp/sst2"
     train_split: str = "train"
     eval_split: str = "validation"
     text_column: str = "sentence"
     label_column: str = "label"
-    # Labels may be given in the data as ids 0..n-1 or as these names.
     label_names: tuple[str, ...] = ("negative", "positive")
-    # SST-2 sentences average ~13 wordpieces; 128 truncates almost nothing.
     max_length: int = 128
     max_train_examples: int | None = None
     max_eval_examples: int | None = None
@@ -62,11 +78,18 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    # Hub name or local folder of a pretrained model, or "scratch": a BertConfig model of the
-    # sizes below with a WordPiece tokenizer trained on the training sentences.
+    """A sequence classifier (the teacher's in ``teacher``, the student's in ``student``).
+
+    name_or_path: hub name or local folder of a pretrained model, or scratch (a BertConfig of the sizes below)
+    teacher_layers: student only: build it from these encoder layers of the teacher (DistilBERT-style) instead
+    hidden_size: scratch models: hidden size
+    num_layers: scratch models: encoder layers
+    num_heads: scratch models: attention heads (must divide hidden_size)
+    intermediate_size: scratch models: feed-forward width
+    vocab_size: scratch models: WordPiece vocabulary trained on the training sentences
+    """
+
     name_or_path: str = "bert-large-uncased"
-    # Student only: build the model from these encoder layers of the teacher (DistilBERT-style)
-    # instead of loading name_or_path.
     teacher_layers: tuple[int, ...] = ()
     hidden_size: int = 64
     num_layers: int = 2
@@ -84,7 +107,23 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    # Devlin et al. (2019) fine-tune BERT on GLUE with lr in {2,3,5}e-5, batch 32, 2-4 epochs.
+    """Training settings (the teacher's in ``train``, each student's in ``distill.train``).
+
+    Defaults follow Devlin et al. (2019) for fine-tuning BERT on GLUE: lr in {2,3,5}e-5, batch 32, 2-4 epochs.
+
+    learning_rate: peak AdamW learning rate (linear warm-up, then linear decay to 0)
+    epochs: passes over the training split
+    batch_size: training sentences per step
+    eval_batch_size: sentences per batch when scoring
+    weight_decay: AdamW weight decay (not on biases and LayerNorm weights)
+    warmup_ratio: share of the steps spent warming the learning rate up
+    max_grad_norm: gradients are clipped to this norm
+    grad_accum_steps: steps whose gradients add up before one update
+    mixed_precision: bf16, fp16 (CUDA only) or no
+    seed: seed of the shuffling and of the fresh classifier head
+    log_every: steps between host reads of the running loss (the loop syncs with the device only then)
+    """
+
     learning_rate: float = 2e-5
     epochs: int = 3
     batch_size: int = 32
@@ -95,7 +134,6 @@ class TrainConfig:
     grad_accum_steps: int = 1
     mixed_precision: str = "bf16"
     seed: int = 42
-    # Steps between host reads of the running loss; the loop syncs with the device only then.
     log_every: int = 50
 
     def __post_init__(self) -> None:
@@ -113,10 +151,15 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class DistillConfig:
-    # Hinton et al. (2015) and DistilBERT use T in 1..20 and weight the soft targets heavily.
+    """Knowledge distillation of one student (Hinton et al. 2015; DistilBERT uses T in 1..20).
+
+    temperature: T, the softmax temperature of the soft targets
+    alpha: weight of the KL term; 1 - alpha weighs cross-entropy on the hard labels (0: plain fine-tuning)
+    train: the student's own training settings; the sweep samples some of them per trial
+    """
+
     temperature: float = 4.0
     alpha: float = 0.5
-    # The student's own training settings; the sweep samples some of them per trial.
     train: TrainConfig = field(default_factory=lambda: TrainConfig(learning_rate=1e-4))
 
     def __post_init__(self) -> None:
@@ -126,7 +169,13 @@ class DistillConfig:
 
 @dataclass(frozen=True)
 class SearchParam:
-    """One searched setting: a range (``low``..``high``, ``log`` scale) or a list of ``choices``."""
+    """One searched setting: a range (``low``..``high``, ``log`` scale) or a list of ``choices``.
+
+    low: lowest value
+    high: highest value
+    log: sample on a log scale
+    choices: sample one of these instead of a range
+    """
 
     low: float | None = None
     high: float | None = None
@@ -151,15 +200,23 @@ def _default_space() -> dict[str, SearchParam]:
 
 @dataclass(frozen=True)
 class SearchConfig:
+    """The Optuna sweep.
+
+    n_trials: finished or pruned trials the study stops at (over all workers)
+    timeout: seconds this worker may run (null: until n_trials are done)
+    study_name: Optuna study name (null: <experiment name>-sweep)
+    storage: Optuna storage: a journal file path or a database URL such as postgresql://... (null: a journal beside the MLflow store)
+    pruner: median, hyperband or none
+    seed: seed of the TPE sampler (give each worker its own)
+    space: dotted distill.* key -> {low, high, log} or {choices}; an entry narrows the default field by field, null removes it
+    """
+
     n_trials: int = 30
-    timeout: float | None = None  # seconds for this worker; None: until n_trials are done
-    study_name: str | None = None  # None: "<experiment name>-sweep"
-    # None: an Optuna journal file next to the MLflow store; or any Optuna storage URL
-    # (postgresql://... for several workers or machines).
+    timeout: float | None = None
+    study_name: str | None = None
     storage: str | None = None
     pruner: str = "median"
     seed: int = 0
-    # Config keys (dotted) -> their search range. Narrow any of them or add any distill setting.
     space: dict[str, SearchParam] = field(default_factory=_default_space)
 
     def __post_init__(self) -> None:
@@ -171,21 +228,27 @@ class SearchConfig:
 
 @dataclass(frozen=True)
 class EvaluateConfig:
-    # Any model URI: models:/<name>@<alias>, models:/<name>/<version>, runs:/<run id>/<path>.
-    # None: the experiment's champion student.
+    """The evaluate job: accuracy, agreement, size and latency of one model.
+
+    model_uri: models:/<name>@<alias>, models:/<name>/<version> or runs:/<run id>/<path> (null: the champion student)
+    split: split of data.source to score (null: data.eval_split)
+    teacher_uri: agreement is measured against this model (null: the champion teacher; none: skip)
+    precision: PyTorch models only: fp32, or bf16 weights and activations
+    warmup: untimed calls before timing
+    latency_calls: timed one-sentence calls (p50 and p95)
+    throughput_batch_size: sentences per batch for throughput
+    throughput_batches: timed batches for throughput
+    threads: CPU threads (null: PyTorch's default, all cores; ONNX Runtime gets the same)
+    """
+
     model_uri: str | None = None
-    # None: data.eval_split of data.source.
     split: str | None = None
-    # Agreement is measured against this model; None: the champion teacher, "none": skip.
     teacher_uri: str | None = None
-    # PyTorch models only: fp32, or bf16 weights and activations.
     precision: str = "fp32"
-    # Latency: untimed warm-up calls, then timed batch-1 calls and batches of throughput_batch_size.
     warmup: int = 20
     latency_calls: int = 200
     throughput_batch_size: int = 32
     throughput_batches: int = 20
-    # None: PyTorch's default (all cores); ONNX Runtime gets the same number.
     threads: int | None = None
 
     def __post_init__(self) -> None:
@@ -198,12 +261,17 @@ class EvaluateConfig:
 
 @dataclass(frozen=True)
 class ExportConfig:
-    # None: the experiment's champion student.
+    """The export job: ONNX, checked in ONNX Runtime, quantized to int8.
+
+    model_uri: the PyTorch model to export (null: the champion student)
+    opset: ONNX opset
+    tolerance: largest |ONNX Runtime logit - PyTorch logit| accepted for the fp32 model
+    parity_examples: evaluation sentences compared between PyTorch and ONNX Runtime
+    """
+
     model_uri: str | None = None
     opset: int = 18
-    # Largest |ONNX Runtime logit - PyTorch logit| accepted for the fp32 model.
     tolerance: float = 1e-3
-    # Sentences of the eval split compared between PyTorch and ONNX Runtime.
     parity_examples: int = 256
 
     def __post_init__(self) -> None:
@@ -214,12 +282,15 @@ class ExportConfig:
 
 @dataclass(frozen=True)
 class ReportConfig:
-    # The HTML report and the CSV of trials go to <output_dir>/<study name>.html|.csv.
+    """The sweep report.
+
+    output_dir: the HTML report and the CSV of trials go to <output_dir>/<study name>.html|.csv
+    top_k: best trials whose epoch curves, size and latency are shown
+    latency_calls: timed batch-1 calls per model (5 interleaved rounds, after evaluate.warmup calls); 0 leaves latency out
+    """
+
     output_dir: str = "reports/output"
-    # Best trials whose epoch curves, size and latency are shown.
     top_k: int = 5
-    # Timed batch-1 calls per model (PyTorch fp32, after evaluate.warmup calls) for the accuracy-versus-
-    # latency view, taken in 5 rounds in which the models take turns; 0 leaves latency out.
     latency_calls: int = 50
 
     def __post_init__(self) -> None:
@@ -229,7 +300,21 @@ class ReportConfig:
 
 @dataclass(frozen=True)
 class ExperimentConfig:
-    # Names the MLflow experiment and the registered models (<name>-teacher, <name>-student).
+    """One experiment: data, teacher, student, their training, the sweep and the post-training jobs.
+
+    name: the MLflow experiment and the registered models' prefix (<name>-teacher, <name>-student)
+    data: the labelled sentences
+    teacher: the teacher model
+    student: the student model
+    train: the teacher's training
+    distill: the student's distillation and training
+    search: the Optuna sweep
+    evaluate: the evaluate job
+    export: the export job
+    report: the sweep report
+    cache_dir: tokenized datasets and generated data, keyed by content
+    """
+
     name: str = "sst2-bert"
     data: DataConfig = field(default_factory=DataConfig)
     teacher: ModelConfig = field(default_factory=ModelConfig)
@@ -240,86 +325,79 @@ class ExperimentConfig:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
-    # Tokenized datasets and generated data live here, keyed by content.
     cache_dir: str = ".kdcache"
 
     def __post_init__(self) -> None:
         _check(bool(self.name.strip()), "name", "a non-empty experiment name", self.name)
 
 
-# --- building a config from YAML and overrides --------------------------------------------------
+# --- reading and merging ----------------------------------------------------------------------------
+
+SPACE = "search.space"
 
 
 def _is_config(tp: Any) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
 
 
-def _coerce(key: str, tp: Any, value: Any) -> Any:
-    """Convert a YAML or command-line value to the field's declared type, or say what was expected."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        inner = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None or (isinstance(value, str) and value.lower() in ("null", "none")):
-            return None
-        return _coerce(key, inner[0], value)
-    if origin is tuple:
-        (item_tp, _ellipsis) = typing.get_args(tp)
-        if isinstance(value, str):
-            value = [v for v in value.strip("[]()").split(",") if v.strip()]
-        if not isinstance(value, (list, tuple)):
-            raise KDError(f"config: {key} = {value!r} has the wrong type; expected a list")
-        return tuple(_coerce(key, item_tp, v.strip() if isinstance(v, str) else v) for v in value)
-    if tp is bool:
-        if isinstance(value, str) and value.lower() in ("true", "false"):
-            return value.lower() == "true"
-        if isinstance(value, bool):
-            return value
-        raise KDError(f"config: {key} = {value!r} has the wrong type; expected true or false")
-    if tp in (int, float):
-        if isinstance(value, bool):
-            raise KDError(f"config: {key} = {value!r} has the wrong type; expected {'an integer' if tp is int else 'a number'}")
-        try:
-            # YAML reads 3e-5 (no dot) as a string, so numbers are parsed from strings too.
-            number = float(value) if tp is float else int(str(value)) if isinstance(value, str) else value
-        except ValueError:
-            number = None
-        if tp is int and isinstance(number, float) and number.is_integer():
-            number = int(number)
-        if number is None or (tp is int and not isinstance(number, int)) or not isinstance(number, (int, float)):
-            raise KDError(f"config: {key} = {value!r} has the wrong type; expected {'an integer' if tp is int else 'a number'}")
-        return tp(number)
-    if tp is str:
-        if isinstance(value, (dict, list)):
-            raise KDError(f"config: {key} = {value!r} has the wrong type; expected a string")
-        return str(value)
-    raise TypeError(f"unsupported config field type {tp!r} for {key}")
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
 
 
-def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for name, value in values.items():
-        key = f"{prefix}{name}"
-        if name not in names:
-            raise KDError(f"config: unknown key {key!r}; expected one of {sorted(prefix + n for n in names)}")
-        if typing.get_origin(hints[name]) is dict:
-            default = next(f for f in dataclasses.fields(cls) if f.name == name).default_factory()
-            kwargs[name] = _build_mapping(typing.get_args(hints[name])[1], default, value, key)
-        elif _is_config(hints[name]):
-            if not isinstance(value, dict):
-                raise KDError(f"config: {key} = {value!r} has the wrong type; expected a mapping of its fields")
-            kwargs[name] = _build(hints[name], value, f"{key}.")
-        else:
-            kwargs[name] = _coerce(key, hints[name], value)
+def field_type(dotted: str) -> Any:
+    """The declared type of a dotted config key, e.g. ``distill.train.epochs`` -> int."""
+    cls: Any = ExperimentConfig
+    for part in dotted.split("."):
+        hints = _hints(cls) if _is_config(cls) else {}
+        if part not in hints:
+            raise KDError(f"config: unknown key {dotted!r}")
+        cls = hints[part]
+    if _is_config(cls) or typing.get_origin(cls) is dict:
+        raise KDError(f"config: {dotted!r} is a section, not a setting")
+    return cls
+
+
+def describe_type(tp: Any) -> str:
+    """What a value of ``tp`` looks like, in words: 'an integer', 'a number or null', ..."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        inner = next(a for a in typing.get_args(tp) if a is not type(None))
+        return f"{describe_type(inner)} or null"
+    if typing.get_origin(tp) is tuple:
+        return f"a list of {describe_type(typing.get_args(tp)[0]).split(' ', 1)[1]}s"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
+
+
+def _expected_for(dotted: str) -> str:
     try:
-        return cls(**kwargs)
-    except ConfigRangeError as exc:
-        raise ConfigRangeError(f"{prefix}{exc.key}", exc.expected, exc.value) from None
+        return describe_type(field_type(dotted))
+    except KDError:
+        return "a mapping of its fields"
 
 
-def _entries(value: Any, fields: set[str], key: str, prefix: str = "") -> dict[str, dict | None]:
-    """Flatten nested mappings (dotted overrides arrive nested) down to entries holding ``fields``."""
+def _section_keys(dotted: str) -> list[str]:
+    """The keys one level inside the section that holds ``dotted`` (for 'unknown key' messages)."""
+    cls: Any = ExperimentConfig
+    *parents, _ = dotted.split(".")
+    for part in parents:
+        cls = _hints(cls).get(part) if _is_config(cls) else None
+    prefix = "".join(f"{p}." for p in parents)
+    return sorted(prefix + f.name for f in dataclasses.fields(cls)) if _is_config(cls) else []
+
+
+def _omegaconf_error(exc: OmegaConfBaseException, values: Any) -> KDError:
+    """One line naming the key for anything OmegaConf refused."""
+    key = exc.full_key or ""
+    if not key:  # a whole section given a scalar: OmegaConf names neither
+        key = next((k for k, v in (values or {}).items() if not isinstance(v, dict) and _is_config(_hints(ExperimentConfig).get(k))), "")
+        return KDError(f"config: {key} = {values.get(key)!r} has the wrong type; expected a mapping of its fields")
+    if "not in" in str(exc).splitlines()[0]:  # ConfigKeyError
+        return KDError(f"config: unknown key {key!r}; expected one of {_section_keys(key)}")
+    return KDError(f"config: {key} = {exc.value!r} has the wrong type; expected {_expected_for(key)}")
+
+
+def _space_entries(value: Any, key: str, prefix: str = "") -> dict[str, dict | None]:
+    """Flatten ``search.space`` down to entries: its keys are dotted config keys, which overrides nest."""
+    fields = {f.name for f in dataclasses.fields(SearchParam)}
     if not isinstance(value, dict):
         raise KDError(f"config: {key} = {value!r} has the wrong type; expected a mapping")
     out: dict[str, dict | None] = {}
@@ -332,22 +410,29 @@ def _entries(value: Any, fields: set[str], key: str, prefix: str = "") -> dict[s
         elif set(entry) <= fields:
             out[path] = {**(out.get(path) or {}), **entry}
         else:
-            out.update(_entries(entry, fields, key, f"{path}."))
+            out.update(_space_entries(entry, key, f"{path}."))
     return out
 
 
-def _build_mapping(cls: type, default: dict[str, Any], value: Any, key: str) -> dict[str, Any]:
-    """Entries from YAML/overrides update the default entries field by field; ``null`` removes one."""
-    merged = {name: dataclasses.asdict(entry) for name, entry in default.items()}
-    for name, raw in _entries(value, {f.name for f in dataclasses.fields(cls)}, key).items():
-        if raw is None:
-            merged.pop(name, None)
-        else:
-            merged[name] = {**merged.get(name, {}), **raw}
-    return {name: _build(cls, raw, f"{key}.{name}.") for name, raw in merged.items()}
+def _apply_space(merged: DictConfig, layer: dict[str, Any]) -> None:
+    """Entries of one layer update the space's entries field by field; ``null`` removes one."""
+    raw = layer.get("search", {}).pop("space", None) if isinstance(layer.get("search"), dict) else None
+    if raw is None:
+        return
+    space = merged.search.space
+    for name, entry in _space_entries(raw, SPACE).items():
+        if entry is None:
+            space.pop(name, None)
+            continue
+        try:
+            space[name] = OmegaConf.merge(space[name] if name in space else _writable(OmegaConf.structured(SearchParam)), entry)
+        except OmegaConfBaseException as exc:
+            field_name = (exc.full_key or "").rpartition(".")[2] or exc.key
+            raise KDError(f"config: {SPACE}.{name}.{field_name} = {exc.value!r} is not valid; {str(exc).splitlines()[0]}") from None
 
 
-def _nest(overrides: dict[str, str]) -> dict[str, Any]:
+def _nest(overrides: dict[str, Any]) -> dict[str, Any]:
+    """Dotted keys to nested mappings; tuple settings also accept ``0,2,4`` (what ``-P`` users type)."""
     nested: dict[str, Any] = {}
     for dotted, value in overrides.items():
         *parents, leaf = dotted.split(".")
@@ -356,18 +441,64 @@ def _nest(overrides: dict[str, str]) -> dict[str, Any]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise KDError(f"config: override {dotted!r} conflicts with another override of {part!r}")
-        node[leaf] = value
+        node[leaf] = _parse_value(dotted, value)
     return nested
 
 
-def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in top.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
+def _parse_value(dotted: str, value: Any) -> Any:
+    if not isinstance(value, str):
+        return value
+    if value.strip().lower() in ("null", "none", "~"):
+        return None
+    try:
+        is_tuple = typing.get_origin(field_type(dotted)) is tuple
+    except KDError:
+        is_tuple = False  # unknown keys and space entries are reported or parsed later
+    if is_tuple:
+        return [item.strip() for item in value.strip("[]()").split(",") if item.strip()]
+    # Other strings stay strings: OmegaConf converts them to the field's type ("3e-5", "2", "true"),
+    # and a str field keeps "no" as typed (a YAML parse would make it False).
+    return value
+
+
+def _locate_range_error(merged: DictConfig, exc: ConfigRangeError, path: str = "") -> str:
+    """The dotted section whose own check failed (checks name only their field)."""
+    for name in merged:
+        node = merged[name]
+        if isinstance(node, DictConfig) and OmegaConf.get_type(node) not in (dict, None):
+            try:
+                OmegaConf.to_object(node)
+            except ConfigRangeError as inner:
+                if (inner.key, inner.value) == (exc.key, exc.value):
+                    return _locate_range_error(node, exc, f"{path}{name}.")
+        elif isinstance(node, DictConfig):  # the search space: name -> SearchParam
+            found = _locate_range_error(node, exc, f"{path}{name}.")
+            if found != f"{path}{name}.":
+                return found
+    return path
+
+
+def _writable(node: DictConfig) -> DictConfig:
+    """OmegaConf marks the nodes of frozen dataclasses read-only; merging writes into them."""
+    OmegaConf.set_readonly(node, False)
+    for name in node:
+        if isinstance(node[name], DictConfig):
+            _writable(node[name])
+    return node
+
+
+def _assemble(layers: list[dict[str, Any]], base: ExperimentConfig) -> ExperimentConfig:
+    merged = _writable(OmegaConf.structured(base))
+    for layer in layers:
+        _apply_space(merged, layer)
+        try:
+            merged = OmegaConf.merge(merged, layer)
+        except OmegaConfBaseException as exc:
+            raise _omegaconf_error(exc, layer) from None
+    try:
+        return OmegaConf.to_object(merged)
+    except ConfigRangeError as exc:
+        raise ConfigRangeError(_locate_range_error(merged, exc) + exc.key, exc.expected, exc.value) from None
 
 
 def read_experiment_file(path: str | Path) -> dict[str, Any]:
@@ -408,32 +539,20 @@ def parse_overrides(args: list[str]) -> dict[str, str]:
     return overrides
 
 
-def build_config(experiment_file: str | Path | None = None, overrides: dict[str, str] | None = None) -> ExperimentConfig:
+def build_config(experiment_file: str | Path | None = None, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
     """Defaults, then the experiment file, then the overrides; validated."""
     values = read_experiment_file(experiment_file) if experiment_file else {}
-    values = _merge(values, _nest(overrides or {}))
-    try:
-        return _build(ExperimentConfig, values, "")
-    except TypeError as exc:  # a dataclass constructor rejected a value the coercion let through
-        raise KDError(f"config: {exc}") from None
-
-
-def field_type(dotted: str) -> Any:
-    """The declared type of a dotted config key, e.g. ``distill.train.epochs`` -> int."""
-    cls: Any = ExperimentConfig
-    for part in dotted.split("."):
-        hints = typing.get_type_hints(cls) if _is_config(cls) else {}
-        if part not in hints:
-            raise KDError(f"config: unknown key {dotted!r}")
-        cls = hints[part]
-    if _is_config(cls) or typing.get_origin(cls) is dict:
-        raise KDError(f"config: {dotted!r} is a section, not a setting")
-    return cls
+    return _assemble([values, _nest(overrides or {})], ExperimentConfig())
 
 
 def replace(cfg: ExperimentConfig, overrides: dict[str, Any]) -> ExperimentConfig:
     """``cfg`` with dotted-key overrides applied and validated like any other."""
-    return _build(ExperimentConfig, _merge(dataclasses.asdict(cfg), _nest(overrides)), "")
+    return _assemble([_nest(overrides)], cfg)
+
+
+def to_yaml(cfg: ExperimentConfig) -> str:
+    """The whole config as YAML, in the form an experiment file takes."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
 def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
@@ -446,3 +565,33 @@ def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
         else:
             flat[f"{prefix}{f.name}"] = ",".join(map(str, value)) if isinstance(value, tuple) else value
     return flat
+
+
+def field_help(cls: type = ExperimentConfig) -> dict[str, str]:
+    """``name: meaning`` lines of a config class's docstring, by field name."""
+    lines = (line.strip() for line in (cls.__doc__ or "").splitlines())
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {name: meaning.strip() for name, _, meaning in (line.partition(":") for line in lines) if name in names}
+
+
+def settings(cfg: Any = None, prefix: str = "") -> list[tuple[str, str, Any, str]]:
+    """(dotted key, type in words, default, meaning) of every setting, sections expanded, for ``--help``."""
+    cfg = ExperimentConfig() if cfg is None else cfg
+    helps, hints = field_help(type(cfg)), _hints(type(cfg))
+    out = []
+    for f in dataclasses.fields(cfg):
+        value, key = getattr(cfg, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            out += settings(value, f"{key}.")
+        elif typing.get_origin(hints[f.name]) is dict:
+            shown = "; ".join(f"{k}: {_range_text(p)}" for k, p in value.items())
+            out.append((key, "a mapping", shown, helps[f.name]))
+        else:
+            out.append((key, describe_type(hints[f.name]), value, helps[f.name]))
+    return out
+
+
+def _range_text(param: SearchParam) -> str:
+    if param.choices:
+        return "one of " + ", ".join(param.choices)
+    return f"{param.low:g}..{param.high:g}{' log' if param.log else ''}"

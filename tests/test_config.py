@@ -1,8 +1,9 @@
+import dataclasses
 from pathlib import Path
 
 import pytest
 
-from kdlib.config import ExperimentConfig, TrainConfig, build_config, flatten, parse_overrides
+from kdlib.config import DistillConfig, ExperimentConfig, SearchConfig, SearchParam, TrainConfig, build_config, flatten, parse_overrides, settings
 from kdlib.errors import KDError
 from tests.conftest import ROOT
 
@@ -89,3 +90,43 @@ def test_flatten_gives_dotted_params():
     flat = flatten(build_config(None, {"student.teacher_layers": "0,2"}))
     assert flat["student.teacher_layers"] == "0,2"
     assert flat["train.learning_rate"] == TrainConfig().learning_rate
+
+
+def _sections(cfg, prefix=""):
+    """(dotted path, default instance) of every nested config section."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            yield f"{prefix}{f.name}", value
+            yield from _sections(value, f"{prefix}{f.name}.")
+
+
+@pytest.mark.parametrize("section", [path for path, _ in _sections(ExperimentConfig())])
+def test_setting_one_key_keeps_the_sections_own_defaults(section):
+    """Regression: setting any key of a section used to rebuild it from the class defaults, so
+    ``distill.train.epochs=2`` silently reset the student's learning rate to the teacher's."""
+    default = dict(_sections(ExperimentConfig()))[section]
+    first = dataclasses.fields(default)[0].name
+    value = getattr(default, first)
+    shown = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+    assert build_config(None, {f"{section}.{first}": shown or "[]"}) == ExperimentConfig()
+
+
+def test_nested_defaults_survive_overrides_and_yaml(tmp_path):
+    assert build_config(None, {"distill.train.epochs": "2"}).distill.train.learning_rate == DistillConfig().train.learning_rate == 1e-4
+    minilm = build_config(ROOT / "experiments" / "sst2-minilm.yaml", {"distill.train.epochs": "2"})
+    assert minilm.student.name_or_path == ExperimentConfig().student.name_or_path == "bert-base-uncased"
+    assert minilm.distill.train.learning_rate == 1e-4
+    assert minilm.train.learning_rate == 1e-4  # the YAML's own teacher setting
+
+
+def test_search_space_entries_merge_field_by_field():
+    cfg = build_config(None, {"search.space.distill.alpha.high": "0.5", "search.space.distill.temperature": "null"})
+    assert cfg.search.space["distill.alpha"] == SearchParam(0.0, 0.5)
+    assert "distill.temperature" not in cfg.search.space
+    assert cfg.search.space["distill.train.epochs"] == SearchConfig().space["distill.train.epochs"]
+
+
+def test_every_setting_has_a_meaning():
+    for key, _type, _default, meaning in settings():
+        assert meaning, f"{key} has no help line in its class docstring"
