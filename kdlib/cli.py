@@ -1,7 +1,10 @@
-"""Command line: ``python -m kdlib <job> [--experiment FILE] [key=value | --key value ...]``.
+"""The entry module: ``python -m kdlib <job> [--experiment FILE] [--print-config] [key=value | --key value ...]``.
 
-MLproject entry points call this; ``mlflow run -P train.epochs=2`` arrives as ``--train.epochs 2``.
-Errors the user can fix print one line and exit with status 2, never a traceback.
+Every MLproject entry point calls this; ``mlflow run -P train.epochs=2`` arrives as ``--train.epochs 2``.
+It owns the jobs, their short names (``n_trials`` for ``search.n_trials``) and the order of the
+whole pipeline (teacher -> sweep -> report). It sits at the top of the flow: it imports the jobs of
+kdlib, search and reports, and nothing imports it. Errors the user can fix print one line and exit
+with status 2 (130 for Ctrl-C), never a traceback.
 """
 
 from __future__ import annotations
@@ -9,41 +12,84 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
-from kdlib.config import ExperimentConfig, build_config, parse_overrides
+from kdlib import registry
+from kdlib.config import ExperimentConfig, build_config, parse_overrides, replace, settings, to_yaml
 from kdlib.errors import KDError
 
 DEFAULT_EXPERIMENT = "experiments/sst2-bert.yaml"
+PROG = "python -m kdlib"
+SEARCH_KEYS = tuple(f"search.{name}" for name in ("n_trials", "timeout", "study_name", "storage", "pruner", "seed"))
+REPORT_KEYS = ("report.output_dir", "report.top_k")
+EVALUATE_KEYS = tuple(f"evaluate.{name}" for name in ("model_uri", "split", "teacher_uri", "precision", "threads"))
+NEXT_STEP = "see it with: mlflow ui   (then open http://127.0.0.1:5000)"
+
+
+def _status(promoted: bool) -> str:
+    return "now the champion" if promoted else "champion unchanged (the current champion is at least as accurate)"
 
 
 def teacher_job(cfg: ExperimentConfig) -> None:
     from kdlib.teacher import run_teacher
 
     result = run_teacher(cfg)
-    status = "now the champion" if result.promoted else "champion unchanged (the current champion is at least as accurate)"
-    print(f"teacher: dev accuracy {result.dev_accuracy:.4f}; registered {result.model_name} version {result.version}, {status}")
+    print(f"teacher: dev accuracy {result.dev_accuracy:.4f}; registered {result.model_name} version {result.version}, {_status(result.promoted)}")
     print(f"teacher logits: run {result.run_id}, artifact {result.logits_artifact}")
-    print(f"see it with: mlflow ui   (load it: mlflow.pyfunc.load_model('models:/{result.model_name}@champion'))")
+    print(f"{NEXT_STEP}; load it: mlflow.pyfunc.load_model('{registry.champion_uri(result.model_name)}')")
 
 
-def _distill(cfg: ExperimentConfig) -> None:
-    from kdlib.distill import run_distill, student_model_name
+def distill_job(cfg: ExperimentConfig) -> None:
+    from kdlib.distill import run_distill
 
     result, version, promoted = run_distill(cfg)
-    status = "now the champion" if promoted else "champion unchanged (the current champion is at least as accurate)"
-    print(f"student: dev accuracy {result.dev_accuracy:.4f}; registered {student_model_name(cfg)} version {version}, {status}")
+    print(f"student: dev accuracy {result.dev_accuracy:.4f}; registered {registry.student_model_name(cfg)} version {version}, {_status(promoted)}")
 
 
-def _evaluate(cfg: ExperimentConfig) -> None:
+def sweep_job(cfg: ExperimentConfig) -> None:
+    """The sweep, then its report."""
+    from search.sweep import run_sweep
+
+    result = run_sweep(cfg)
+    print(f"sweep: study {result.study_name!r} in {result.storage}: {result.finished} of {cfg.search.n_trials} trials finished")
+    if result.best_value is None:
+        print("sweep: no trial finished, so no student was registered")
+    else:
+        name = registry.student_model_name(cfg)
+        print(
+            f"best student: dev accuracy {result.best_value:.4f} with {result.best_params}; registered {name} version {result.version}, {_status(result.promoted)}"
+        )
+        print(f"{NEXT_STEP} (the sweep run holds one child run per trial)")
+        print(f"load the champion: mlflow.pyfunc.load_model('{registry.champion_uri(name)}').predict(['a gorgeous, witty film'])")
+    report_job(cfg)
+
+
+def report_job(cfg: ExperimentConfig) -> None:
+    from reports.report import build_report
+
+    report = build_report(cfg)
+    print(f"report: {report.html.resolve()} (open it in a browser; it needs no network) and {report.csv.resolve()}")
+    print(f"logged on the sweep run {report.sweep_run_id} under report/")
+
+
+def main_job(cfg: ExperimentConfig) -> None:
+    """The whole pipeline: the teacher when the experiment has no champion teacher yet, then the sweep and its report."""
+    if registry.champion(registry.teacher_model_name(cfg)) is None:
+        teacher_job(cfg)
+    sweep_job(cfg)
+
+
+def evaluate_job(cfg: ExperimentConfig) -> None:
     from kdlib.evaluate import run_evaluate, table
 
     result = run_evaluate(cfg)
     print(table([result]))
-    print(f"logged as run {result.run_id} in experiment {cfg.name!r}")
+    print(f"logged as run {result.run_id}")
 
 
-def _export(cfg: ExperimentConfig) -> None:
+def export_job(cfg: ExperimentConfig) -> None:
     from kdlib.export import run_export
 
     result = run_export(cfg)
@@ -55,17 +101,74 @@ def _export(cfg: ExperimentConfig) -> None:
         print(f"ONNX {kind}: mlflow.pyfunc.load_model({uri!r})  (run {result.run_id})")
 
 
+def bench_job(cfg: ExperimentConfig) -> None:
+    """A fresh teacher, a sweep and a plain student (alpha = 0, the best trial's other settings), timed."""
+    import torch
+
+    from kdlib.distill import run_distill
+    from kdlib.teacher import run_teacher
+    from search.bench import markdown, matmul_peak, summarize
+    from search.sweep import run_sweep
+
+    peaks = {"bf16": matmul_peak(torch.bfloat16), "fp32": matmul_peak(torch.float32)}
+    wall: dict[str, float] = {}
+    started = time.perf_counter()
+    teacher = run_teacher(cfg)
+    wall["teacher"] = time.perf_counter() - started
+    started = time.perf_counter()
+    sweep = run_sweep(cfg)
+    wall["sweep"] = time.perf_counter() - started
+    started = time.perf_counter()
+    plain, _, _ = run_distill(replace(cfg, {**sweep.best_params, "distill.alpha": 0.0}), register=False, role=registry.Role.PLAIN_STUDENT)
+    wall["plain_student"] = time.perf_counter() - started
+    print(markdown(summarize(cfg, peaks, wall, teacher, sweep, plain)))
+
+
+@dataclass(frozen=True)
+class Job:
+    run: Callable[[ExperimentConfig], None]
+    summary: str
+    short: tuple[str, ...] = ()  # config keys also reachable by their last part (-P n_trials=30)
+    default_experiment: str = DEFAULT_EXPERIMENT
+
+
 JOBS = {
-    "teacher": teacher_job,
-    "distill": _distill,
-    "evaluate": _evaluate,
-    "export": _export,
+    "main": Job(main_job, "the teacher if the experiment has no champion teacher yet, then the sweep and its report", SEARCH_KEYS + REPORT_KEYS),
+    "teacher": Job(teacher_job, "fine-tune, register and promote the teacher; cache its logits"),
+    "distill": Job(distill_job, "distil one student from the champion teacher's cached logits; register it"),
+    "sweep": Job(
+        sweep_job, "Optuna over the distillation settings, one MLflow run per trial, the champion student, then the report", SEARCH_KEYS + REPORT_KEYS
+    ),
+    "report": Job(report_job, "the sweep report: offline HTML and CSV, logged on the sweep run", SEARCH_KEYS + REPORT_KEYS),
+    "evaluate": Job(evaluate_job, "accuracy, agreement with the teacher, size and latency of any model URI", EVALUATE_KEYS),
+    "export": Job(export_job, "ONNX export checked against PyTorch, int8 quantization, two pyfunc models", ("export.model_uri",)),
+    "bench": Job(bench_job, "teacher, fixed-seed sweep and plain student, timed", SEARCH_KEYS, "experiments/sst2-minilm.yaml"),
 }
-# `mlflow run . -e evaluate -P model_uri=...` arrives as `--model_uri ...`.
-ALIASES = {
-    "evaluate": {name: f"evaluate.{name}" for name in ("model_uri", "split", "teacher_uri", "precision", "threads")},
-    "export": {"model_uri": "export.model_uri"},
-}
+
+
+def short_names(job: Job) -> dict[str, str]:
+    return {key.rpartition(".")[2]: key for key in job.short}
+
+
+def job_help(name: str) -> str:
+    """Every setting with its type, default and meaning, and the job's short names."""
+    job = JOBS[name]
+    lines = [
+        f"usage: {PROG} {name} [--experiment FILE] [--print-config] [KEY=VALUE | --KEY VALUE ...]",
+        "",
+        f"{name}: {job.summary}.",
+        "",
+        f"--experiment FILE   experiment YAML holding what differs from the defaults (default {job.default_experiment})",
+        "--print-config      print the merged config (defaults, experiment file, overrides) as YAML and exit",
+        "KEY=VALUE           set any setting below; with mlflow run: -P KEY=VALUE",
+    ]
+    if job.short:
+        lines += ["", "short names:", *(f"  {short} = {key}" for short, key in short_names(job).items())]
+    lines += ["", "settings (KEY  type, default: meaning):"]
+    for key, kind, default, meaning in settings():
+        shown = "null" if default is None else ",".join(map(str, default)) if isinstance(default, tuple) else default
+        lines.append(f"  {key}  {kind}, default {shown}: {meaning}")
+    return "\n".join(lines)
 
 
 def _quiet_progress_bars() -> None:
@@ -79,31 +182,44 @@ def _quiet_progress_bars() -> None:
     hf_logging.disable_progress_bar()
 
 
-def run(
-    prog: str, jobs: dict[str, Callable[[ExperimentConfig], None]], argv: list[str] | None, aliases: dict[str, dict[str, str]] | None = None
-) -> int:
-    """Parse ``<job> [--experiment FILE] [overrides]``, build the config, run the job; KDError -> one line, exit 2.
-
-    ``aliases`` map a job's short override names to config keys (sweep: ``n_trials`` -> ``search.n_trials``).
-    """
-    parser = argparse.ArgumentParser(prog=prog, description="BERT knowledge-distillation jobs tracked in MLflow.")
-    parser.add_argument("job", choices=sorted(jobs))
-    parser.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help=f"experiment YAML (default {DEFAULT_EXPERIMENT})")
+def main(argv: list[str] | None = None) -> int:
+    """Parse, build the config, run the job; KDError -> one line, exit 2; Ctrl-C -> one line, exit 130."""
+    jobs = "\n".join(f"  {name:9} {job.summary}" for name, job in JOBS.items())
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description=f"BERT knowledge-distillation jobs tracked in MLflow.\n\njobs:\n{jobs}\n\n`{PROG} JOB --help` lists every setting.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+        add_help=False,
+    )
+    parser.add_argument("job", nargs="?", choices=sorted(JOBS))
+    parser.add_argument("--experiment")
+    parser.add_argument("--print-config", action="store_true")
+    parser.add_argument("-h", "--help", action="store_true")
     args, rest = parser.parse_known_args(argv)
+    if args.job is None:
+        parser.print_help()
+        return 0 if args.help else 2
+    if args.help:
+        print(job_help(args.job))
+        return 0
+    job = JOBS[args.job]
     try:
-        short = (aliases or {}).get(args.job, {})
+        short = short_names(job)
         overrides = {short.get(key, key): value for key, value in parse_overrides(rest).items()}
-        cfg = build_config(args.experiment, overrides)
+        cfg = build_config(args.experiment or job.default_experiment, overrides)
+        if args.print_config:
+            print(to_yaml(cfg), end="")
+            return 0
         _quiet_progress_bars()
-        jobs[args.job](cfg)
+        job.run(cfg)
     except KDError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    return run("python -m kdlib", JOBS, argv, ALIASES)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import pandas as pd
 
 from kdlib import demo_data
 from kdlib.config import DataConfig
-from kdlib.errors import KDError
+from kdlib.errors import KDError, hub_unreachable
 
 FILE_READERS = {
     ".tsv": lambda p: pd.read_csv(p, sep="\t", quoting=csv.QUOTE_NONE, dtype=str, keep_default_na=False, encoding="utf-8"),
@@ -101,12 +101,6 @@ def _load_local(folder: Path, split: str) -> tuple[pd.DataFrame, str, int]:
     return _read_file(path), str(path), FIRST_ROW_LINE.get(path.suffix, 0)
 
 
-def _hub_offline() -> bool:
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_OFFLINE)
-
-
 def _load_hub(name: str, split: str) -> tuple[pd.DataFrame, str, int]:
     import datasets
 
@@ -118,12 +112,7 @@ def _load_hub(name: str, split: str) -> tuple[pd.DataFrame, str, int]:
             raise KDError(f"data: hub dataset {name!r} has no split {split!r} ({exc})") from None
         raise
     except Exception as exc:  # the hub client raises many types for "cannot reach / not cached"
-        why = (
-            "the Hugging Face Hub is offline (HF_HUB_OFFLINE=1) and it is not cached"
-            if _hub_offline()
-            else f"it could not be loaded from the Hugging Face Hub ({type(exc).__name__})"
-        )
-        raise KDError(f"data: source {name!r} is not a local path and {why}; {hint}") from None
+        raise KDError(f"data: source {name!r} is not a local path and {hub_unreachable()} ({type(exc).__name__}); {hint}") from None
     return loaded.to_pandas(), f"hub dataset {name!r} split {split!r}", 0
 
 

@@ -19,14 +19,14 @@ import numpy as np
 import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-from kdlib import tracking
+from kdlib import registry, tracking
 from kdlib.config import ExperimentConfig
 from kdlib.data import load_split
-from kdlib.distill import student_model_name
 from kdlib.errors import KDError
-from kdlib.evaluate import predict_all
-from kdlib.serving import ONNX_FILE, ONNX_MODEL, OrtBackend, TorchBackend
-from kdlib.tracking import ModelSource
+from kdlib.inference import predict_all
+from kdlib.metrics import accuracy
+from kdlib.registry import ModelSource
+from kdlib.serving import ONNX_FILE, ONNX_MODEL, OrtBackend, TorchBackend, label_names
 
 AXES = {0: "batch", 1: "sequence"}
 MODELS = {"fp32": "onnx_fp32", "int8": "onnx_int8"}  # logged model names
@@ -118,16 +118,12 @@ def build_tensorrt(onnx_file: Path, dst: Path, max_length: int) -> str:
     return "built"
 
 
-def _accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
-    return float((logits.argmax(-1) == labels).mean())
-
-
 def run_export(cfg: ExperimentConfig) -> ExportResult:
     ex = cfg.export
-    uri = ex.model_uri or tracking.champion_uri(student_model_name(cfg))
+    uri = ex.model_uri or registry.champion_uri(registry.student_model_name(cfg))
     with tempfile.TemporaryDirectory(prefix="kd-export-") as tmp:
         work = Path(tmp)
-        source = tracking.fetch_model(uri, str(work / "source"))
+        source = registry.fetch_model(uri, str(work / "source"))
         check_classifier(source)
         split = load_split(cfg.data, cfg.data.eval_split, cfg.data.max_eval_examples)
         folders = {"fp32": export_onnx(source.folder, work / MODELS["fp32"], ex.opset)}
@@ -143,10 +139,9 @@ def run_export(cfg: ExperimentConfig) -> ExportResult:
                 f"above export.tolerance = {ex.tolerance:g}; nothing was logged"
             )
         tensorrt = build_tensorrt(folders["fp32"] / ONNX_FILE, work / "tensorrt", source.max_length)
-        accuracy = {"pytorch": _accuracy(pytorch, split.labels), **{kind: _accuracy(logits, split.labels) for kind, logits in onnx.items()}}
-        names = json.loads((folders["fp32"] / "config.json").read_text())["id2label"]
-        label_names = [names[str(i)] for i in range(len(names))]
-        tags = {"kd.role": "export", "kd.source_model_uri": uri, "kd.source_run_id": source.run_id or "", "kd.tensorrt": tensorrt}
+        scores = {"pytorch": accuracy(pytorch, split.labels), **{kind: accuracy(logits, split.labels) for kind, logits in onnx.items()}}
+        names = label_names(json.loads((folders["fp32"] / "config.json").read_text()))
+        tags = {"kd.role": registry.Role.EXPORT, "kd.source_model_uri": uri, "kd.source_run_id": source.run_id or "", "kd.tensorrt": tensorrt}
         if source.registered_name:
             tags |= {"kd.source_model_name": source.registered_name, "kd.source_model_version": source.registered_version}
         with tracking.job_run(cfg.name, "export", tags) as run:
@@ -155,17 +150,17 @@ def run_export(cfg: ExperimentConfig) -> ExportResult:
                 {
                     "max_abs_logit_diff": max_abs_diff,
                     "parity_examples": compared,
-                    "pytorch_accuracy": accuracy["pytorch"],
-                    "onnx_fp32_accuracy": accuracy["fp32"],
-                    "onnx_int8_accuracy": accuracy["int8"],
-                    "int8_accuracy_change_points": 100 * (accuracy["int8"] - accuracy["fp32"]),
+                    "pytorch_accuracy": scores["pytorch"],
+                    "onnx_fp32_accuracy": scores["fp32"],
+                    "onnx_int8_accuracy": scores["int8"],
+                    "int8_accuracy_change_points": 100 * (scores["int8"] - scores["fp32"]),
                 }
             )
             for kind, folder in folders.items():
-                tracking.log_text_classifier(folder, ONNX_MODEL, label_names, source.max_length, MODELS[kind])
+                tracking.log_text_classifier(folder, ONNX_MODEL, names, source.max_length, MODELS[kind])
             # The export run's own path names which export a model came from, unlike a models:/m-<id>.
             model_uris = {kind: f"runs:/{run.info.run_id}/{MODELS[kind]}" for kind in folders}
             if tensorrt == "built":
                 tracking.log_folder(work / "tensorrt", "tensorrt", "kd.tensorrt_engine")
-            tracking.set_version_tag(source, "kd.onnx_export_run", run.info.run_id)
-    return ExportResult(run.info.run_id, uri, model_uris, max_abs_diff, accuracy, tensorrt)
+            registry.set_version_tag(source, "kd.onnx_export_run", run.info.run_id)
+    return ExportResult(run.info.run_id, uri, model_uris, max_abs_diff, scores, tensorrt)

@@ -16,6 +16,7 @@ import numpy as np
 from kdlib.errors import KDError
 
 ARTIFACT_DIR = "teacher_logits"
+TAG = "kd.teacher_logits"  # names the logits artifact on the teacher's run
 
 
 @dataclass(frozen=True)

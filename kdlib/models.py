@@ -22,7 +22,7 @@ from transformers import (
 )
 
 from kdlib.config import ModelConfig
-from kdlib.errors import KDError
+from kdlib.errors import KDError, hub_unreachable
 
 SCRATCH = "scratch"
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -36,6 +36,11 @@ class Classifier:
     @property
     def max_positions(self) -> int:
         return int(getattr(self.model.config, "max_position_embeddings", 512))
+
+
+def count_parameters(model: torch.nn.Module, embeddings: bool = True) -> int:
+    """Parameters of ``model``; ``embeddings=False`` leaves out the embedding tables (for FLOP counts)."""
+    return sum(p.numel() for name, p in model.named_parameters() if embeddings or "embeddings" not in name)
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
@@ -97,7 +102,7 @@ def _scratch(cfg: ModelConfig, label_names: tuple[str, ...], texts: list[str], m
         num_hidden_layers=cfg.num_layers,
         num_attention_heads=cfg.num_heads,
         intermediate_size=cfg.intermediate_size,
-        max_position_embeddings=max(128, max_length),
+        max_position_embeddings=max_length,
         pad_token_id=tokenizer.pad_token_id,
         **_label_maps(label_names),
     )
@@ -121,17 +126,10 @@ def _pretrained(role: str, name_or_path: str, label_names: tuple[str, ...]) -> C
         tokenizer = AutoTokenizer.from_pretrained(source)
         model = AutoModelForSequenceClassification.from_pretrained(source, **_label_maps(label_names))
     except OSError as exc:
-        from huggingface_hub import constants
-
         if path.exists():
             raise KDError(f"{role}.name_or_path: {name_or_path!r} could not be loaded as a model: {str(exc).splitlines()[0]}") from None
-        why = (
-            "the Hugging Face Hub is offline (HF_HUB_OFFLINE=1) and it is not cached"
-            if constants.HF_HUB_OFFLINE
-            else "it could not be downloaded from the Hugging Face Hub"
-        )
         raise KDError(
-            f"{role}.name_or_path: {name_or_path!r} is not a local folder and {why}; point {role}.name_or_path at a local copy (a folder saved with save_pretrained)"
+            f"{role}.name_or_path: {name_or_path!r} is not a local folder and {hub_unreachable('downloaded')}; point {role}.name_or_path at a local copy (a folder saved with save_pretrained)"
         ) from None
     if not tokenizer.is_fast:
         raise KDError(f"{role}.name_or_path: {name_or_path!r} has no fast tokenizer (tokenizer.json); expected a model with a fast tokenizer")

@@ -30,7 +30,8 @@ HF_MODEL, ONNX_MODEL = "hf_model", "onnx_model"  # artifact keys
 ONNX_FILE = "model.onnx"
 
 
-def _label_names(config: dict) -> list[str]:
+def label_names(config: dict) -> list[str]:
+    """Label names in id order from a model config's ``id2label`` (a dict, as in config.json)."""
     id2label = {int(k): v for k, v in config["id2label"].items()}
     return [id2label[i] for i in range(len(id2label))]
 
@@ -48,7 +49,7 @@ class TorchBackend:
         model = AutoModelForSequenceClassification.from_pretrained(folder)
         self.model = (model.to(torch.bfloat16) if precision == "bf16" else model).to(self.device).eval()
         self.max_length = max_length
-        self.names = _label_names(self.model.config.to_dict())
+        self.names = label_names(self.model.config.to_dict())
 
     def logits(self, texts: list[str]) -> np.ndarray:
         """(len(texts), n_labels) float32 logits of one batch."""
@@ -78,7 +79,7 @@ class OrtBackend:
         self.session = ort.InferenceSession(str(folder / ONNX_FILE), options, providers=providers)
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
         self.max_length = max_length
-        self.names = _label_names(json.loads((folder / "config.json").read_text()))
+        self.names = label_names(json.loads((folder / "config.json").read_text()))
 
     def logits(self, texts: list[str]) -> np.ndarray:
         batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="np")
@@ -93,7 +94,7 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 class TextClassifier(PythonModel):
     def load_context(self, context) -> None:
-        max_length = int(context.model_config.get("max_length", 128))
+        max_length = int(context.model_config["max_length"])  # every logged model records it
         if ONNX_MODEL in context.artifacts:
             self.backend = OrtBackend(context.artifacts[ONNX_MODEL], max_length)
         else:

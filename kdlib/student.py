@@ -1,8 +1,9 @@
-"""Distil one student from the cached teacher logits (no MLflow run here: callers own the run).
+"""Distil one student from the cached teacher logits, inside a run its caller opened.
 
 ``prepare`` does the work every trial shares (data, the teacher's cached logits, the teacher's
 weights when the student is cut from them, tokenization) once; ``train_student`` builds a fresh
-student and trains it with the KD loss. The teacher never runs during student training.
+student and trains it with the KD loss; ``log_student_run`` does that in the caller's MLflow run
+(the distill job's, or a sweep trial's). The teacher never runs during student training.
 """
 
 from __future__ import annotations
@@ -13,14 +14,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from kdlib import batching, logits_cache, tracking
+from kdlib import batching, logits_cache, registry, tracking
 from kdlib.config import ExperimentConfig, ModelConfig
 from kdlib.data import Splits, load_splits
 from kdlib.errors import KDError
 from kdlib.losses import kd_loss
-from kdlib.models import Classifier, cut_from_teacher, load_classifier
-from kdlib.teacher import LOGITS_TAG, teacher_model_name
-from kdlib.training import EpochCallback, FitResult, classification_metrics, fit
+from kdlib.metrics import agreement, classification_metrics
+from kdlib.models import Classifier, count_parameters, cut_from_teacher, load_classifier
+from kdlib.training import EpochCallback, FitResult, fit
 
 
 @dataclass
@@ -38,10 +39,10 @@ class StudentData:
 def prepare(cfg: ExperimentConfig, workdir: str) -> StudentData:
     """Load data, the champion teacher's logits and the initial student; refuse mismatched logits."""
     splits = load_splits(cfg.data)
-    name = teacher_model_name(cfg)
+    name = registry.teacher_model_name(cfg)
     hint = f"run the teacher entry point first: mlflow run . -e teacher --env-manager local -P experiment=<this experiment file> (experiment name {cfg.name!r})"
-    version = tracking.champion_version(name, hint)
-    artifact = tracking.run_tag(version.run_id, LOGITS_TAG)
+    version = registry.champion_version(name, hint)
+    artifact = tracking.run_tag(version.run_id, logits_cache.TAG)
     if not artifact:
         raise KDError(f"teacher {name} version {version.version} (run {version.run_id}) has no cached logits; rerun the teacher entry point")
     folder = tracking.download_run_artifact(version.run_id, artifact, workdir)
@@ -53,7 +54,7 @@ def prepare(cfg: ExperimentConfig, workdir: str) -> StudentData:
     }
     train_logits, dev_logits = logits_cache.read(folder, expected)
     if cfg.student.teacher_layers:
-        hf_dir = tracking.fetch_model(f"models:/{name}/{version.version}", workdir).folder
+        hf_dir = registry.fetch_model(f"models:/{name}/{version.version}", workdir).folder
         teacher = load_classifier(
             "teacher", ModelConfig(name_or_path=str(hf_dir)), cfg.data.label_names, [], cfg.data.max_length, cfg.distill.train.seed
         )
@@ -67,10 +68,12 @@ def prepare(cfg: ExperimentConfig, workdir: str) -> StudentData:
 
 def student_metrics(logits: np.ndarray, labels: np.ndarray, teacher_logits: np.ndarray) -> dict[str, float]:
     """Accuracy and loss on the labels, and agreement: the share of examples where student and teacher predict the same label."""
-    return {**classification_metrics(logits, labels), "agreement": float((logits.argmax(1) == teacher_logits.argmax(1)).mean())}
+    return {**classification_metrics(logits, labels), "agreement": agreement(logits, teacher_logits)}
 
 
-def train_student(cfg: ExperimentConfig, data: StudentData, on_epoch_end: EpochCallback | None = None) -> tuple[Classifier, FitResult]:
+def train_student(
+    cfg: ExperimentConfig, data: StudentData, on_epoch_end: EpochCallback | None = None, label: str = "student: "
+) -> tuple[Classifier, FitResult]:
     """A fresh copy of the initial student, trained with the KD loss at ``cfg.distill``'s settings."""
     distill, train_cfg = cfg.distill, cfg.distill.train
     teacher_logits = torch.from_numpy(data.teacher_train_logits)
@@ -91,6 +94,33 @@ def train_student(cfg: ExperimentConfig, data: StudentData, on_epoch_end: EpochC
         train_cfg,
         loss_fn=loss_fn,
         on_epoch_end=on_epoch_end,
+        label=label,
     )
     student.model = result.model
     return student, result
+
+
+@dataclass(frozen=True)
+class StudentResult:
+    run_id: str
+    dev_accuracy: float
+    model_uri: str
+
+
+def log_student_run(cfg: ExperimentConfig, data: StudentData, on_epoch_end=tracking.log_epoch, label: str = "student: ") -> StudentResult:
+    """Inside an open MLflow run: log the student's settings, train it, log per-epoch metrics and the model."""
+    tracking.log_config(
+        cfg,
+        {
+            "teacher_version": data.teacher_version,
+            "teacher_run_id": data.teacher_run_id,
+            "n_train": len(data.train),
+            "n_dev": len(data.dev),
+            "parameters": count_parameters(data.template.model),
+            "non_embedding_parameters": count_parameters(data.template.model, embeddings=False),
+            "train_tokens": int(data.train.lengths.sum()),
+        },
+    )
+    student, result = train_student(cfg, data, on_epoch_end, label)
+    model_uri = tracking.log_classifier(student, cfg.data.max_length)
+    return StudentResult(tracking.active_run_id(), result.history[-1][registry.METRIC], model_uri)

@@ -6,14 +6,12 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from kdlib import batching, logits_cache, tracking
+from kdlib import batching, logits_cache, registry, tracking
 from kdlib.config import ExperimentConfig
 from kdlib.data import load_splits
-from kdlib.models import load_classifier, tokenizer_fingerprint
-from kdlib.training import classification_metrics, fit, make_accelerator, predict_logits
-
-METRIC = "dev_accuracy"
-LOGITS_TAG = "kd.teacher_logits"  # names the logits artifact on the teacher's run
+from kdlib.metrics import classification_metrics
+from kdlib.models import count_parameters, load_classifier, tokenizer_fingerprint
+from kdlib.training import fit, make_accelerator, predict_logits
 
 
 @dataclass(frozen=True)
@@ -26,10 +24,6 @@ class TeacherResult:
     logits_artifact: str
 
 
-def teacher_model_name(cfg: ExperimentConfig) -> str:
-    return f"{cfg.name}-teacher"
-
-
 def run_teacher(cfg: ExperimentConfig) -> TeacherResult:
     # Everything that can reject the input happens before the MLflow run opens.
     make_accelerator(cfg.train.mixed_precision)
@@ -38,10 +32,9 @@ def run_teacher(cfg: ExperimentConfig) -> TeacherResult:
     train = batching.encode(splits.train, classifier.tokenizer, cfg.data.max_length, cfg.cache_dir)
     dev = batching.encode(splits.eval, classifier.tokenizer, cfg.data.max_length, cfg.cache_dir)
     pad = classifier.tokenizer.pad_token_id
-    name = teacher_model_name(cfg)
+    name = registry.teacher_model_name(cfg)
 
-    with tracking.job_run(cfg.name, "teacher", {"kd.role": "teacher"}) as run:
-        parameters = sum(p.numel() for p in classifier.model.parameters())
+    with tracking.job_run(cfg.name, "teacher", {"kd.role": registry.Role.TEACHER}) as run:
         tracking.log_config(
             cfg,
             {
@@ -49,7 +42,7 @@ def run_teacher(cfg: ExperimentConfig) -> TeacherResult:
                 "n_dev": len(dev),
                 "train_fingerprint": splits.train.fingerprint,
                 "dev_fingerprint": splits.eval.fingerprint,
-                "parameters": parameters,
+                "parameters": count_parameters(classifier.model),
             },
         )
         result = fit(
@@ -59,21 +52,22 @@ def run_teacher(cfg: ExperimentConfig) -> TeacherResult:
             lambda logits: classification_metrics(logits, dev.labels),
             cfg.train,
             on_epoch_end=tracking.log_epoch,
+            label="teacher: ",
         )
         classifier.model = result.model
-        dev_accuracy = result.history[-1]["dev_accuracy"]
+        dev_accuracy = result.history[-1][registry.METRIC]
         # Eval mode (no dropout): these are the soft targets every student trial will read.
         accelerator = make_accelerator(cfg.train.mixed_precision)
         train_logits = predict_logits(classifier.model, batching.eval_loader(train, pad, cfg.train.eval_batch_size), accelerator)
         dev_logits = predict_logits(classifier.model, batching.eval_loader(dev, pad, cfg.train.eval_batch_size), accelerator)
         model_uri = tracking.log_classifier(classifier, cfg.data.max_length)
-        with tracking.registered_version(model_uri, name) as version:
+        with registry.registered_version(model_uri, name) as version:
             key = logits_cache.LogitsKey(
                 name, version, splits.train.fingerprint, splits.eval.fingerprint, tokenizer_fingerprint(classifier.tokenizer), cfg.data.max_length
             )
             with tempfile.TemporaryDirectory() as tmp:
                 folder = logits_cache.write(Path(tmp), key, train_logits, dev_logits)
                 artifact = f"{logits_cache.ARTIFACT_DIR}/{folder.name}"
-                tracking.log_folder(folder, artifact, LOGITS_TAG)
-            promoted = tracking.promote_if_better(name, version, METRIC, dev_accuracy)
+                tracking.log_folder(folder, artifact, logits_cache.TAG)
+            promoted = registry.promote_if_better(name, version, dev_accuracy)
         return TeacherResult(run.info.run_id, name, version, dev_accuracy, promoted, artifact)

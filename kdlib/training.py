@@ -3,6 +3,9 @@
 It knows nothing of MLflow or Optuna: per-epoch metrics go to ``on_epoch_end``, which may raise to
 stop training (a pruned trial). Device placement and mixed precision come from accelerate. The
 loop reads values back from the device only every ``log_every`` steps and at epoch ends.
+
+Progress: a tqdm bar per epoch in a terminal; elsewhere (``mlflow run`` logs, CI, nohup) one line
+per epoch that holds what the bar would show (steps, examples/s, elapsed) and the epoch's metrics.
 """
 
 from __future__ import annotations
@@ -21,7 +24,6 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, get_linear_schedule_with_warmup
 
-from kdlib.batching import LengthGroupedBatches
 from kdlib.config import TrainConfig
 from kdlib.errors import KDError
 
@@ -68,6 +70,23 @@ def _optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, fused=fused)
 
 
+def format_duration(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def epoch_line(label: str, epoch: int, epochs: int, steps: int, metrics: dict[str, float], elapsed: float) -> str:
+    """One log line per epoch: what a terminal's bar shows, the epoch's metrics, and the time left."""
+    shown = ", ".join(
+        f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith(("train_", "dev_")) and k not in ("train_examples_per_s", "train_seconds")
+    )
+    eta = elapsed / epoch * (epochs - epoch)
+    return (
+        f"{label}epoch {epoch}/{epochs}: {steps} steps, {shown}, {metrics['train_examples_per_s']:.0f} examples/s, "
+        f"elapsed {format_duration(elapsed)}, ETA {format_duration(eta)}"
+    )
+
+
 @torch.no_grad()
 def predict_logits(model: torch.nn.Module, loader: torch.utils.data.DataLoader, accelerator: Accelerator) -> np.ndarray:
     """float32 logits [n, labels] in the split's original order (the loader may batch in any order)."""
@@ -84,15 +103,6 @@ def predict_logits(model: torch.nn.Module, loader: torch.utils.data.DataLoader, 
     return out.numpy()
 
 
-def classification_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    logits_t = torch.from_numpy(logits)
-    labels_t = torch.from_numpy(labels)
-    return {
-        "accuracy": float((logits_t.argmax(-1) == labels_t).float().mean()),
-        "loss": float(F.cross_entropy(logits_t, labels_t)),
-    }
-
-
 def fit(
     model: PreTrainedModel,
     train_loader: torch.utils.data.DataLoader,
@@ -101,8 +111,12 @@ def fit(
     cfg: TrainConfig,
     loss_fn: LossFn = cross_entropy,
     on_epoch_end: EpochCallback | None = None,
+    label: str = "",
 ) -> FitResult:
-    """Train for ``cfg.epochs``; after each, evaluate and pass the epoch's metrics to ``on_epoch_end``."""
+    """Train for ``cfg.epochs``; after each, evaluate and pass the epoch's metrics to ``on_epoch_end``.
+
+    ``label`` starts each progress line (e.g. "teacher: ", "trial 3: ").
+    """
     set_seed(cfg.seed)
     accelerator = make_accelerator(cfg.mixed_precision, cfg.grad_accum_steps)
     sampler = train_loader.batch_sampler
@@ -112,8 +126,9 @@ def fit(
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total), total)
     model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
     result = FitResult(model=model)
+    fit_started = time.perf_counter()
     for epoch in range(1, cfg.epochs + 1):
-        if isinstance(sampler, LengthGroupedBatches):
+        if hasattr(sampler, "set_epoch"):  # length-grouped batches reshuffle per epoch
             sampler.set_epoch(epoch)
         model.train()
         loss_sum = torch.zeros((), device=accelerator.device)
@@ -121,7 +136,7 @@ def fit(
         examples = 0
         started = time.perf_counter()
         bar = tqdm(
-            train_loader, desc=f"epoch {epoch}/{cfg.epochs}", disable=None if accelerator.is_local_main_process else True, leave=False
+            train_loader, desc=f"{label}epoch {epoch}/{cfg.epochs}", disable=None if accelerator.is_local_main_process else True, leave=False
         )  # None: off when not a TTY
         for step, batch in enumerate(bar, start=1):
             with accelerator.accumulate(model):
@@ -155,6 +170,8 @@ def fit(
             "train_seconds": seconds,
         }
         result.history.append(metrics)
+        if bar.disable and accelerator.is_local_main_process:
+            print(epoch_line(label, epoch, cfg.epochs, len(train_loader), metrics, time.perf_counter() - fit_started), flush=True)
         if on_epoch_end is not None:
             on_epoch_end(epoch, metrics)
     result.model = accelerator.unwrap_model(model, keep_fp32_wrapper=False)

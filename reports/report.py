@@ -22,14 +22,13 @@ import plotly.graph_objects as go
 from optuna import visualization as vis
 from optuna.trial import FrozenTrial, TrialState
 
-from kdlib import tracking
+from kdlib import registry, tracking
 from kdlib.config import ExperimentConfig
 from kdlib.data import load_split
-from kdlib.distill import METRIC, student_model_name
 from kdlib.errors import KDError
-from kdlib.evaluate import batch1_times, footprint, load_backend, sentence_stream
-from kdlib.teacher import teacher_model_name
-from search.sweep import ROOT_ATTR, default_storage, make_storage, study_name
+from kdlib.inference import batch1_times, footprint, load_backend, sentence_stream
+from kdlib.registry import METRIC
+from search.study import MODEL_ATTR, ROOT_ATTR, RUN_ATTR, load_study
 
 ARTIFACT_DIR = "report"
 CONTOUR = ("distill.temperature", "distill.alpha")
@@ -57,24 +56,6 @@ class Report:
     table: pd.DataFrame
 
 
-def load_study(cfg: ExperimentConfig) -> optuna.Study:
-    name = study_name(cfg)
-    url = cfg.search.storage or default_storage()
-    if "://" not in url:
-        path = Path(url)
-        if not path.is_file():
-            raise KDError(f"report: no sweep has run here: the study storage {str(path)!r} does not exist; run `mlflow run . -e sweep` first")
-    storage, url = make_storage(url)
-    try:
-        return optuna.load_study(study_name=name, storage=storage)
-    except KeyError:
-        there = ", ".join(optuna.get_all_study_names(storage)) or "none"
-        raise KDError(
-            f"report: no study {name!r} in {url} (studies there: {there}); pass the experiment file the sweep ran with "
-            "(-P experiment=...) or set search.study_name"
-        ) from None
-
-
 def _done(study: optuna.Study, state: TrialState) -> list[FrozenTrial]:
     return study.get_trials(deepcopy=False, states=(state,))
 
@@ -86,14 +67,15 @@ def _best(study: optuna.Study, k: int) -> list[FrozenTrial]:
 def _plain_student(cfg: ExperimentConfig):
     """The newest student run trained on hard labels only (distill.alpha = 0), or None."""
     runs = tracking.find_runs(cfg.name, "attributes.status = 'FINISHED' and params.`distill.alpha` LIKE '0%'")
-    plain = (r for r in runs if r.data.tags.get("kd.role") in ("student", "plain-student") and float(r.data.params["distill.alpha"]) == 0.0)
+    roles = (registry.Role.STUDENT, registry.Role.PLAIN_STUDENT)
+    plain = (r for r in runs if r.data.tags.get("kd.role") in roles and float(r.data.params["distill.alpha"]) == 0.0)
     return next(plain, None)
 
 
 def _candidates(cfg: ExperimentConfig, study: optuna.Study) -> list[tuple[str, str, str, float]]:
     """(label, model URI, run id, dev accuracy) of the teacher, the plain student and the best trials."""
     out = []
-    teacher = tracking.champion(teacher_model_name(cfg))
+    teacher = registry.champion(registry.teacher_model_name(cfg))
     if teacher is not None:
         run = tracking.get_run(teacher.run_id)
         out.append(("teacher", f"models:/{teacher.name}/{teacher.version}", teacher.run_id, run.data.metrics[METRIC]))
@@ -101,7 +83,7 @@ def _candidates(cfg: ExperimentConfig, study: optuna.Study) -> list[tuple[str, s
     if plain is not None:
         out.append(("plain student", f"runs:/{plain.info.run_id}/model", plain.info.run_id, plain.data.metrics[METRIC]))
     for trial in _best(study, cfg.report.top_k):
-        out.append((f"trial {trial.number}", trial.user_attrs["model_uri"], trial.user_attrs["mlflow_run_id"], trial.value))
+        out.append((f"trial {trial.number}", trial.user_attrs[MODEL_ATTR], trial.user_attrs[RUN_ATTR], trial.value))
     return out
 
 
@@ -116,7 +98,7 @@ def model_rows(cfg: ExperimentConfig, study: optuna.Study) -> list[ModelRow]:
     with contextlib.ExitStack() as folders:
         loaded = []
         for label, uri, run_id, accuracy in _candidates(cfg, study):
-            source = tracking.fetch_model(uri, folders.enter_context(tempfile.TemporaryDirectory(prefix="kd-report-")))
+            source = registry.fetch_model(uri, folders.enter_context(tempfile.TemporaryDirectory(prefix="kd-report-")))
             backend = load_backend(source, "fp32", threads=cfg.evaluate.threads or 0)
             loaded.append((ModelRow(label, uri, run_id, accuracy, *footprint(source, backend), latency_ms=None), backend))
         times = {row.model: [] for row, _ in loaded}
@@ -280,7 +262,7 @@ def _summary(study: optuna.Study, url: str, champion: str) -> str:
 
 
 def build_report(cfg: ExperimentConfig) -> Report:
-    study = load_study(cfg)
+    study, url = load_study(cfg)
     sweep_run_id = study.user_attrs.get(ROOT_ATTR)
     if not sweep_run_id:
         raise KDError(f"report: study {study.study_name!r} has no sweep run recorded; run the sweep through `mlflow run . -e sweep`")
@@ -289,9 +271,8 @@ def build_report(cfg: ExperimentConfig) -> Report:
     figures = study_figures(study, cfg.report.top_k)
     if table["latency_batch1_p50_ms"].notna().any():
         figures["models"] = latency_scatter(table)
-    version = tracking.champion(student_model_name(cfg))
+    version = registry.champion(registry.student_model_name(cfg))
     champion = f"{version.name} version {version.version}" if version else "none registered"
-    _, url = make_storage(cfg.search.storage)
     page = render_html(f"Sweep report: {cfg.name}", _summary(study, url, champion), figures, table)
 
     out = Path(cfg.report.output_dir)

@@ -1,28 +1,22 @@
-"""Benchmark: the teacher, a fixed-seed sweep and a plain fine-tuned student on one experiment.
+"""Benchmark figures of one teacher + sweep + plain student run on one experiment.
 
-``python -m search bench --experiment experiments/sst2-minilm.yaml data.max_train_examples=8000
-n_trials=6 search.space.distill.train.epochs.high=3`` writes ``outputs/bench/<name>.json`` and prints
-a markdown table. Throughput is set against this machine's matrix-product peaks, measured in the
-same process, so the share of peak is comparable across machines.
+The entry module's ``bench`` job runs the teacher, a fixed-seed sweep and a plain fine-tuned
+student (alpha = 0, the best trial's other settings), timing each; ``summarize`` turns that into
+``outputs/bench/<name>.json`` and a markdown table. Throughput is set against this machine's
+matrix-product peaks, measured in the same process, so the share of peak is comparable across machines.
 """
 
 from __future__ import annotations
 
 import json
 import resource
-import tempfile
 import time
 from pathlib import Path
 
 import torch
-from mlflow.tracking import MlflowClient
 
-from kdlib import tracking
-from kdlib.config import ExperimentConfig, replace
-from kdlib.distill import log_student_run
-from kdlib.student import prepare
-from kdlib.teacher import run_teacher
-from search.sweep import run_sweep
+from kdlib import registry, tracking
+from kdlib.config import ExperimentConfig
 
 OUT = Path("outputs") / "bench"
 
@@ -38,62 +32,35 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 8) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - started)
 
 
-def _non_embedding_parameters(model: torch.nn.Module) -> int:
-    return sum(p.numel() for name, p in model.named_parameters() if "embeddings" not in name)
-
-
-def _trial_runs(sweep_run_id: str):
-    client = MlflowClient()
-    experiment = client.get_run(sweep_run_id).info.experiment_id
-    return client.search_runs([experiment], f"tags.mlflow.parentRunId = '{sweep_run_id}' and tags.`kd.role` = 'student-trial'")
-
-
-def run_bench(cfg: ExperimentConfig) -> dict:
-    peaks = {"bf16": matmul_peak(torch.bfloat16), "fp32": matmul_peak(torch.float32)}
-    started = time.perf_counter()
-    teacher = run_teacher(cfg)
-    teacher_s = time.perf_counter() - started
-
-    started = time.perf_counter()
-    sweep = run_sweep(cfg)
-    sweep_s = time.perf_counter() - started
-
-    client = MlflowClient()
+def trial_throughput(sweep_run_id: str) -> tuple[float, float, int]:
+    """(training examples, training seconds, epochs) summed over the sweep's trial runs."""
     examples, seconds, epochs = 0.0, 0.0, 0
-    for run in _trial_runs(sweep.run_id):
-        history = client.get_metric_history(run.info.run_id, "train_seconds")
-        rates = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "train_examples_per_s")}
-        for point in history:
-            seconds += point.value
-            examples += rates[point.step] * point.value
+    for run in tracking.child_runs(sweep_run_id, registry.Role.TRIAL):
+        rates = tracking.metric_history(run.info.run_id, "train_examples_per_s")
+        for step, spent in tracking.metric_history(run.info.run_id, "train_seconds").items():
+            seconds += spent
+            examples += rates[step] * spent
             epochs += 1
+    return examples, seconds, epochs
 
-    # Same budget as the best trial, hard labels only: what distillation has to beat.
-    best = sweep.best_params
-    plain_cfg = replace(cfg, {**best, "distill.alpha": 0.0})
-    with tempfile.TemporaryDirectory(prefix="kd-bench-") as tmp:
-        data = prepare(plain_cfg, tmp)
-        started = time.perf_counter()
-        with tracking.job_run(cfg.name, "plain-student", {"kd.role": "plain-student"}):
-            plain = log_student_run(plain_cfg, data)
-        plain_s = time.perf_counter() - started
-        tokens_per_epoch = int(data.train.lengths.sum())
-        student_params = _non_embedding_parameters(data.template.model)
 
+def summarize(cfg: ExperimentConfig, peaks: dict[str, float], wall_s: dict[str, float], teacher, sweep, plain) -> dict:
+    """The bench's figures from the teacher, sweep and plain-student jobs' results."""
+    examples, seconds, epochs = trial_throughput(sweep.run_id)
+    student = tracking.get_run(plain.run_id).data.params  # what every student logs about its data and size
     # Forward + backward of a transformer: ~6 FLOPs per non-embedding parameter per token.
-    student_flops = 6 * student_params * tokens_per_epoch * epochs
+    student_flops = 6 * int(student["non_embedding_parameters"]) * int(student["train_tokens"]) * epochs
     achieved = student_flops / seconds if seconds else 0.0
+    epochs_range = cfg.search.space.get("distill.train.epochs")
     results = {
         "experiment": cfg.name,
-        "n_train": len(data.train),
+        "n_train": int(student["n_train"]),
         "n_trials": sweep.finished,
-        "epoch_range": [cfg.search.space["distill.train.epochs"].low, cfg.search.space["distill.train.epochs"].high]
-        if "distill.train.epochs" in cfg.search.space
-        else None,
+        "epoch_range": [epochs_range.low, epochs_range.high] if epochs_range else None,
         "threads": torch.get_num_threads(),
         "mixed_precision": cfg.distill.train.mixed_precision,
-        "wall_s": {"teacher": teacher_s, "sweep": sweep_s, "plain_student": plain_s},
-        "trials_per_hour": sweep.finished / (sweep_s / 3600),
+        "wall_s": wall_s,
+        "trials_per_hour": sweep.finished / (wall_s["sweep"] / 3600),
         "student_train_examples_per_s": examples / seconds if seconds else 0.0,
         "student_train_flops_per_s": achieved,
         "matmul_peak_flops_per_s": peaks,
@@ -101,7 +68,7 @@ def run_bench(cfg: ExperimentConfig) -> dict:
         "peak_memory_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "teacher_dev_accuracy": teacher.dev_accuracy,
         "best_student_dev_accuracy": sweep.best_value,
-        "best_student_params": best,
+        "best_student_params": sweep.best_params,
         "plain_student_dev_accuracy": plain.dev_accuracy,
         "distillation_gain_points": 100 * (sweep.best_value - plain.dev_accuracy),
     }

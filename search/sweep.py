@@ -1,40 +1,26 @@
-"""The sweep driver: an Optuna study that outlives the process, one parent MLflow run, a champion.
+"""The sweep job: an Optuna study that outlives the process, one parent MLflow run, a champion.
 
 Rerunning the same command resumes the study and runs only the trials still missing to reach
-``search.n_trials`` (finished or pruned). Several workers may share one study through one storage
-(PostgreSQL across machines); each worker's run nests under the sweep's first run, so ``mlflow ui``
-shows one tree. A worker that dies mid-trial leaves its trial RUNNING: RDB storages fail it by
-heartbeat, the default journal file by checking the recorded process on this host; either way the
-trial's MLflow run is marked FAILED and the trial is retried once.
+``search.n_trials`` (finished or pruned). Several workers may share one study through one storage;
+each worker's run nests under the sweep's first run, so ``mlflow ui`` shows one tree.
 """
 
 from __future__ import annotations
 
-import os
-import socket
 import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
-import mlflow
 import optuna
-from mlflow.tracking import MlflowClient
-from optuna.storages import RetryFailedTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
-from kdlib import tracking
+from kdlib import registry, tracking
 from kdlib.config import ExperimentConfig
-from kdlib.distill import METRIC, student_model_name
-from kdlib.errors import KDError
 from kdlib.student import prepare
-from kdlib.training import NonFiniteLoss
+from kdlib.training import NonFiniteLoss, format_duration
 from search import space
 from search.objective import Objective, SurplusTrial
-
-ROOT_ATTR = "mlflow_sweep_run_id"
-JOURNAL = "optuna-journal.log"
-HEARTBEAT_S = 10
+from search.study import MODEL_ATTR, ROOT_ATTR, RUN_ATTR, finished, make_storage, recover_dead_local_trials, study_name
 
 
 @dataclass(frozen=True)
@@ -49,77 +35,6 @@ class SweepResult:
     promoted: bool
 
 
-def study_name(cfg: ExperimentConfig) -> str:
-    return cfg.search.study_name or f"{cfg.name}-sweep"
-
-
-def default_storage() -> str:
-    """A journal file beside the MLflow store when that is a local SQLite file, else in the working directory."""
-    uri = mlflow.get_tracking_uri()
-    folder = Path(uri[len("sqlite:///") :]).parent if uri.startswith("sqlite:///") else Path.cwd()
-    return str(folder / JOURNAL)
-
-
-def _mark_run_failed(trial: FrozenTrial) -> None:
-    client = MlflowClient()
-    for key in ("mlflow_run_id", "worker_run_id"):
-        run_id = trial.user_attrs.get(key)
-        if run_id and client.get_run(run_id).info.status == "RUNNING":
-            client.set_terminated(run_id, "FAILED")
-            client.set_tag(run_id, "optuna.failure", "worker stopped mid-trial")
-
-
-def _retry(study: optuna.Study, trial: FrozenTrial) -> None:
-    _mark_run_failed(trial)
-    RetryFailedTrialCallback(max_retry=1)(study, trial)
-
-
-def make_storage(url: str | None) -> tuple[optuna.storages.BaseStorage, str]:
-    url = url or default_storage()
-    if "://" in url:
-        from sqlalchemy.exc import IntegrityError
-
-        for attempt in range(3):
-            try:
-                storage = optuna.storages.RDBStorage(
-                    url, heartbeat_interval=HEARTBEAT_S, grace_period=3 * HEARTBEAT_S, heartbeat_stale_trial_callback=_retry
-                )
-                return storage, url
-            except IntegrityError:
-                # Workers starting together race to create Optuna's tables; the loser finds them made.
-                if attempt == 2:
-                    raise
-            except Exception as exc:  # SQLAlchemy raises many types for "cannot connect"
-                raise KDError(
-                    f"search.storage: cannot open {url!r} ({type(exc).__name__}: {str(exc).splitlines()[0]}); expected a reachable database URL or a journal file path"
-                ) from None
-    Path(url).parent.mkdir(parents=True, exist_ok=True)
-    return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(url)), url
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def recover_dead_local_trials(study: optuna.Study) -> list[int]:
-    """Journal storages have no heartbeat: fail and retry RUNNING trials whose process on this host is gone."""
-    host = socket.gethostname()
-    recovered = []
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        worker_host, _, pid = str(trial.user_attrs.get("worker", "")).rpartition(":")
-        if worker_host == host and pid.isdigit() and not _pid_alive(int(pid)):
-            study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
-            _retry(study, study._storage.get_trial(trial._trial_id))
-            recovered.append(trial.number)
-    return recovered
-
-
 def _pruner(cfg: ExperimentConfig) -> optuna.pruners.BasePruner:
     if cfg.search.pruner == "median":
         # Wait for two finished trials and judge from epoch 1 on: epochs are few and expensive.
@@ -132,10 +47,6 @@ def _pruner(cfg: ExperimentConfig) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
-def finished(study: optuna.Study) -> int:
-    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
-
-
 def _attach_to_root(study: optuna.Study, run_id: str) -> str:
     """The sweep's first run is the root of its MLflow tree; later workers and resumes nest under it."""
     root = study.user_attrs.get(ROOT_ATTR)
@@ -143,17 +54,43 @@ def _attach_to_root(study: optuna.Study, run_id: str) -> str:
         study.set_user_attr(ROOT_ATTR, run_id)
         root = study.user_attrs.get(ROOT_ATTR, run_id)
     if root != run_id:
-        mlflow.set_tag("mlflow.parentRunId", root)
+        tracking.nest_under(root)
     return root
 
 
 def _log_best(study: optuna.Study, trial: FrozenTrial) -> None:
     if trial.state == TrialState.COMPLETE and study.best_trial.number == trial.number:
-        mlflow.log_metrics(
-            {f"best_{METRIC}": trial.value, **{f"best.{k}": float(v) for k, v in trial.params.items() if isinstance(v, (int, float))}},
+        tracking.log_metrics(
+            {f"best_{registry.METRIC}": trial.value, **{f"best.{k}": float(v) for k, v in trial.params.items() if isinstance(v, (int, float))}},
             step=trial.number,
         )
-        mlflow.set_tags({"best.trial": str(trial.number), "best.run_id": trial.user_attrs.get("mlflow_run_id", "")})
+        tracking.set_tags({"best.trial": str(trial.number), "best.run_id": trial.user_attrs.get(RUN_ATTR, "")})
+
+
+class _Progress:
+    """One line per ended trial, for logs: its outcome, the study's count and this worker's ETA."""
+
+    def __init__(self, objective: Objective):
+        self.objective, self.n_trials = objective, objective.cfg.search.n_trials
+        self.started, self.ran = time.perf_counter(), 0
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        place = self.objective.places.get(trial.number)
+        if place is None:
+            return  # a surplus trial: nothing ran
+        self.ran += 1
+        done = finished(study)
+        outcome = {
+            TrialState.COMPLETE: f"finished: {registry.METRIC} {trial.value:.4f}" if trial.value is not None else "finished",
+            TrialState.PRUNED: f"pruned after epoch {trial.last_step}",
+        }.get(trial.state, trial.state.name.lower())
+        took = trial.duration.total_seconds() if trial.duration else 0.0
+        eta = (time.perf_counter() - self.started) / self.ran * max(self.n_trials - done, 0)
+        print(
+            f"trial {place}/{self.n_trials} (Optuna trial {trial.number}) {outcome} in {format_duration(took)}; "
+            f"{done}/{self.n_trials} done, ETA {format_duration(eta)}",
+            flush=True,
+        )
 
 
 def run_sweep(cfg: ExperimentConfig) -> SweepResult:
@@ -167,9 +104,10 @@ def run_sweep(cfg: ExperimentConfig) -> SweepResult:
         study.sampler = optuna.samplers.TPESampler(seed=cfg.search.seed + len(study.trials))
         recover_dead_local_trials(study)
         objective = Objective(cfg, data, name)
-        with tracking.job_run(cfg.name, "sweep", {"kd.role": "sweep", "optuna.study": name, "optuna.storage": url}) as run:
+        progress = _Progress(objective)
+        with tracking.job_run(cfg.name, "sweep", {"kd.role": registry.Role.SWEEP, "optuna.study": name, "optuna.storage": url}) as run:
             _attach_to_root(study, run.info.run_id)
-            mlflow.log_params(
+            tracking.log_params(
                 {
                     "search.n_trials": cfg.search.n_trials,
                     "search.storage": url,
@@ -180,7 +118,7 @@ def run_sweep(cfg: ExperimentConfig) -> SweepResult:
             )
             deadline = time.monotonic() + cfg.search.timeout if cfg.search.timeout else None
             while finished(study) < cfg.search.n_trials and not objective.surplus and (deadline is None or time.monotonic() < deadline):
-                study.optimize(objective, n_trials=1, catch=(NonFiniteLoss, SurplusTrial), callbacks=[_log_best])
+                study.optimize(objective, n_trials=1, catch=(NonFiniteLoss, SurplusTrial), callbacks=[_log_best, progress])
             result = _promote_best(cfg, study, run.info.run_id, url)
     return result
 
@@ -189,10 +127,10 @@ def _promote_best(cfg: ExperimentConfig, study: optuna.Study, run_id: str, url: 
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     done = finished(study)
     if not complete:
-        mlflow.set_tag("champion.promoted", "false")
+        tracking.set_tags({"champion.promoted": "false"})
         return SweepResult(study.study_name, url, run_id, done, None, {}, None, False)
     best = study.best_trial
-    model_name = student_model_name(cfg)
-    with tracking.registered_version(best.user_attrs["model_uri"], model_name, run_id=best.user_attrs["mlflow_run_id"]) as version:
-        promoted = tracking.promote_if_better(model_name, version, METRIC, best.value)
+    version, promoted = registry.register_and_promote(
+        best.user_attrs[MODEL_ATTR], registry.student_model_name(cfg), best.value, run_id=best.user_attrs[RUN_ATTR]
+    )
     return SweepResult(study.study_name, url, run_id, done, best.value, best.params, version, promoted)

@@ -14,13 +14,14 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from kdlib import student as student_module
+from kdlib.cli import JOBS, short_names
 from kdlib.config import build_config, parse_overrides
 from kdlib.distill import run_distill
 from kdlib.errors import KDError
 from kdlib.teacher import run_teacher
 from search import space
-from search.__main__ import SEARCH
-from search.sweep import make_storage, run_sweep
+from search.study import make_storage
+from search.sweep import run_sweep
 from tests.conftest import SMOKE, in_store, mlflow_run
 
 BASE = ["data.max_eval_examples=200", "train.epochs=3"]
@@ -28,7 +29,8 @@ BASE = ["data.max_eval_examples=200", "train.epochs=3"]
 
 def config(*overrides: str):
     raw = parse_overrides([*BASE, *overrides])
-    return build_config(SMOKE, {SEARCH.get(k, k): v for k, v in raw.items()})
+    short = short_names(JOBS["sweep"])
+    return build_config(SMOKE, {short.get(k, k): v for k, v in raw.items()})
 
 
 @pytest.fixture(scope="module")

@@ -73,16 +73,26 @@ def test_mlflow_run_teacher_registers_caches_logits_and_predicts(tmp_path):
     assert np.allclose(on_dev["score"], expected.max(1), atol=1e-4)
 
 
-def test_launcher_run_in_another_experiment_points_to_the_job_run(monkeypatch):
-    launcher = MlflowClient().create_run("0").info.run_id  # what `mlflow run` opens in "Default"
+def test_the_launcher_run_holds_the_results_in_any_experiment(monkeypatch):
+    """`mlflow run` without --experiment-name opens its run in "Default" and prints its id: the job logs there."""
+    launcher = MlflowClient().create_run("0").info.run_id
     monkeypatch.setenv("MLFLOW_RUN_ID", launcher)
+    monkeypatch.setattr(tracking, "_launcher_used", False)
     with tracking.job_run("smoke", "teacher", {"kd.role": "teacher"}) as run:
+        tracking.log_metrics({"dev_accuracy": 0.5})
+    # A second job of the same command (main: teacher, then sweep) nests under the printed run.
+    with tracking.job_run("smoke", "sweep", {"kd.role": "sweep"}) as second:
         pass
     client = MlflowClient()
-    assert client.get_experiment(run.info.experiment_id).name == "smoke"
-    assert run.info.run_id != launcher
-    assert client.get_run(launcher).data.tags["kd.run_id"] == run.info.run_id
-    assert client.get_run(run.info.run_id).info.status == "FINISHED"
+    assert run.info.run_id == launcher
+    held = client.get_run(launcher)
+    assert held.data.metrics["dev_accuracy"] == 0.5
+    assert held.data.tags["kd.experiment"] == "smoke" and held.data.tags["kd.role"] == "teacher"
+    assert held.info.status == "FINISHED"
+    child = client.get_run(second.info.run_id)
+    assert child.data.tags["mlflow.parentRunId"] == launcher
+    assert child.info.experiment_id == "0" and child.info.status == "FINISHED"
+    assert [r.info.run_id for r in tracking.find_runs("smoke", "attributes.status = 'FINISHED'")] == [second.info.run_id, launcher]
 
 
 def test_worse_teacher_leaves_the_champion_alias(tmp_path):

@@ -6,7 +6,8 @@ import torch
 from kdlib import batching
 from kdlib.config import TrainConfig
 from kdlib.errors import KDError
-from kdlib.training import NonFiniteLoss, classification_metrics, fit, make_accelerator, predict_logits
+from kdlib.metrics import classification_metrics
+from kdlib.training import NonFiniteLoss, fit, make_accelerator, predict_logits
 from tests.helpers import demo_splits, tiny_classifier
 
 CFG = TrainConfig(learning_rate=3e-3, epochs=3, batch_size=16, eval_batch_size=64, mixed_precision="no", log_every=5, seed=7)

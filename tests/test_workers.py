@@ -20,11 +20,11 @@ from optuna.storages import RetryFailedTrialCallback
 from optuna.trial import TrialState
 
 from kdlib.teacher import run_teacher
-from search.sweep import make_storage
+from search.study import make_storage
 from tests.conftest import SMOKE, subprocess_env
 from tests.test_sweep import config
 
-WORKER = [sys.executable, "-m", "search", "sweep", "--experiment", str(SMOKE), "data.max_eval_examples=200"]
+WORKER = [sys.executable, "-m", "kdlib", "sweep", "--experiment", str(SMOKE), "data.max_eval_examples=200", "report.latency_calls=0"]
 
 
 def wait_for(condition, timeout: float, what: str):

@@ -1,0 +1,123 @@
+"""The Optuna study: its name, its storage, and the trials whose worker died.
+
+The study outlives every process: the sweep resumes it and the report reads it. Several workers
+may share one storage (PostgreSQL across machines). A worker that dies mid-trial leaves its trial
+RUNNING: RDB storages fail it by heartbeat, the default journal file by checking the recorded
+process on this host; either way the trial's MLflow run is marked FAILED and the trial is retried once.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import optuna
+from optuna.storages import RetryFailedTrialCallback
+from optuna.trial import FrozenTrial, TrialState
+
+from kdlib import tracking
+from kdlib.config import ExperimentConfig
+from kdlib.errors import KDError
+
+ROOT_ATTR = "mlflow_sweep_run_id"  # study attribute: the sweep's first MLflow run, root of its tree
+JOURNAL = "optuna-journal.log"
+HEARTBEAT_S = 10
+# Trial attributes: the trial's own MLflow run, its worker's run, and the worker process.
+RUN_ATTR, WORKER_RUN_ATTR, WORKER_ATTR = "mlflow_run_id", "worker_run_id", "worker"
+MODEL_ATTR = "model_uri"  # trial attribute: the trained student's model URI
+
+
+def study_name(cfg: ExperimentConfig) -> str:
+    return cfg.search.study_name or f"{cfg.name}-sweep"
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def default_storage() -> str:
+    """A journal file beside the MLflow store when that is a local SQLite file, else in the working directory."""
+    uri = tracking.tracking_uri()
+    folder = Path(uri[len("sqlite:///") :]).parent if uri.startswith("sqlite:///") else Path.cwd()
+    return str(folder / JOURNAL)
+
+
+def _mark_run_failed(trial: FrozenTrial) -> None:
+    for key in (RUN_ATTR, WORKER_RUN_ATTR):
+        run_id = trial.user_attrs.get(key)
+        if run_id:
+            tracking.fail_if_running(run_id, "worker stopped mid-trial")
+
+
+def _retry(study: optuna.Study, trial: FrozenTrial) -> None:
+    _mark_run_failed(trial)
+    RetryFailedTrialCallback(max_retry=1)(study, trial)
+
+
+def make_storage(url: str | None) -> tuple[optuna.storages.BaseStorage, str]:
+    url = url or default_storage()
+    if "://" in url:
+        from sqlalchemy.exc import IntegrityError
+
+        for attempt in range(3):
+            try:
+                storage = optuna.storages.RDBStorage(
+                    url, heartbeat_interval=HEARTBEAT_S, grace_period=3 * HEARTBEAT_S, heartbeat_stale_trial_callback=_retry
+                )
+                return storage, url
+            except IntegrityError:
+                # Workers starting together race to create Optuna's tables; the loser finds them made.
+                if attempt == 2:
+                    raise
+            except Exception as exc:  # SQLAlchemy raises many types for "cannot connect"
+                raise KDError(
+                    f"search.storage: cannot open {url!r} ({type(exc).__name__}: {str(exc).splitlines()[0]}); expected a reachable database URL or a journal file path"
+                ) from None
+    Path(url).parent.mkdir(parents=True, exist_ok=True)
+    return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(url)), url
+
+
+def load_study(cfg: ExperimentConfig) -> tuple[optuna.Study, str]:
+    """The experiment's existing study and its storage URL; a KDError naming what is there if it is missing."""
+    name = study_name(cfg)
+    url = cfg.search.storage or default_storage()
+    if "://" not in url and not Path(url).is_file():
+        raise KDError(f"report: no sweep has run here: the study storage {url!r} does not exist; run `mlflow run . -e sweep` first")
+    storage, url = make_storage(url)
+    try:
+        return optuna.load_study(study_name=name, storage=storage), url
+    except KeyError:
+        there = ", ".join(optuna.get_all_study_names(storage)) or "none"
+        raise KDError(
+            f"report: no study {name!r} in {url} (studies there: {there}); pass the experiment file the sweep ran with "
+            "(-P experiment=...) or set search.study_name"
+        ) from None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def recover_dead_local_trials(study: optuna.Study) -> list[int]:
+    """Journal storages have no heartbeat: fail and retry RUNNING trials whose process on this host is gone."""
+    host = socket.gethostname()
+    recovered = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker_host, _, pid = str(trial.user_attrs.get(WORKER_ATTR, "")).rpartition(":")
+        if worker_host == host and pid.isdigit() and not _pid_alive(int(pid)):
+            study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+            _retry(study, study._storage.get_trial(trial._trial_id))
+            recovered.append(trial.number)
+    return recovered
+
+
+def finished(study: optuna.Study) -> int:
+    """Trials that hold one of the n_trials places for good: finished or pruned."""
+    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
