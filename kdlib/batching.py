@@ -8,6 +8,7 @@ groups of similar length; evaluation batches are sorted by length and large.
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +17,6 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from kdlib.data import TextSplit
-from kdlib.models import tokenizer_fingerprint
 
 # Training batches are drawn from megabatches of this many batches, each sorted by length: most of
 # the padding saving of a full sort, while batch composition stays random.
@@ -36,6 +36,17 @@ class Encoded:
 
     def __len__(self) -> int:
         return len(self.input_ids)
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """Hash of the tokenizer's definition (vocab, normalizer, special tokens), not its name.
+
+    Truncation and padding are left out: they are per-call settings the backend remembers.
+    """
+    definition = json.loads(tokenizer.backend_tokenizer.to_str())
+    definition.pop("truncation", None)
+    definition.pop("padding", None)
+    return hashlib.sha256(json.dumps(definition, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def cache_key(tokenizer: PreTrainedTokenizerBase, max_length: int, data_fingerprint: str) -> str:

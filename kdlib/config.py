@@ -446,19 +446,28 @@ def _nest(overrides: dict[str, Any]) -> dict[str, Any]:
 
 
 def _parse_value(dotted: str, value: Any) -> Any:
+    if isinstance(value, float) and value.is_integer():
+        # Search ranges are floats: an integer setting's bound 3.0 means 3.
+        return int(value) if _declared(dotted) is int else value
     if not isinstance(value, str):
         return value
-    if value.strip().lower() in ("null", "none", "~"):
-        return None
-    try:
-        is_tuple = typing.get_origin(field_type(dotted)) is tuple
-    except KDError:
-        is_tuple = False  # unknown keys and space entries are reported or parsed later
-    if is_tuple:
+    declared = _declared(dotted)
+    nullable = declared is None or type(None) in typing.get_args(declared)  # search.space entries: null removes one
+    if nullable and value.strip().lower() in ("null", "none", "~"):
+        return None  # but search.pruner=none stays the string "none"
+    if typing.get_origin(declared) is tuple:
         return [item.strip() for item in value.strip("[]()").split(",") if item.strip()]
     # Other strings stay strings: OmegaConf converts them to the field's type ("3e-5", "2", "true"),
     # and a str field keeps "no" as typed (a YAML parse would make it False).
     return value
+
+
+def _declared(dotted: str) -> Any:
+    """The field's type, or None for keys that are unknown (reported by the merge) or inside the search space."""
+    try:
+        return field_type(dotted)
+    except KDError:
+        return None
 
 
 def _locate_range_error(merged: DictConfig, exc: ConfigRangeError, path: str = "") -> str:
@@ -589,6 +598,21 @@ def settings(cfg: Any = None, prefix: str = "") -> list[tuple[str, str, Any, str
         else:
             out.append((key, describe_type(hints[f.name]), value, helps[f.name]))
     return out
+
+
+def shown(default: Any) -> str:
+    """A default as a user would type it."""
+    return "null" if default is None else ",".join(map(str, default)) if isinstance(default, tuple) else str(default)
+
+
+def settings_table() -> str:
+    """Every setting as a markdown table (README.md holds a copy; a test keeps them equal)."""
+    # Markdown: a | would end the cell, and <name> would be read as an HTML tag.
+    rows = [
+        f"| `{key}` | {kind} | `{shown(default)}` | {meaning.replace('|', '&#124;').replace('<', '&lt;')} |"
+        for key, kind, default, meaning in settings()
+    ]
+    return "\n".join(["| key | type | default | meaning |", "| --- | --- | --- | --- |", *rows])
 
 
 def _range_text(param: SearchParam) -> str:

@@ -14,7 +14,7 @@ def run_distill(cfg: ExperimentConfig, register: bool = True, role: str = regist
     moves only if it beats the current champion. Returns (result, version, promoted)."""
     with tempfile.TemporaryDirectory(prefix="kd-distill-") as tmp:
         data = prepare(cfg, tmp)
-        with tracking.job_run(cfg.name, "distill" if register else role, {"kd.role": role}):
+        with tracking.job_run(cfg.name, role, run_name="distill" if register else role):
             result = log_student_run(cfg, data)
             if not register:
                 return result, None, False

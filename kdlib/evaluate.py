@@ -80,8 +80,8 @@ def run_evaluate(cfg: ExperimentConfig) -> Evaluation:
         f"throughput_batch{latency.batch_size}_per_s": latency.throughput,
         **({} if agrees is None else {"teacher_agreement": agrees}),
     }
-    tags = {"kd.role": registry.Role.EVALUATE, "kd.model_uri": uri, "kd.backend": name, "kd.source_run_id": source.run_id or ""}
-    with tracking.job_run(cfg.name, "evaluate", tags) as run:
+    tags = {"kd.model_uri": uri, "kd.backend": name, "kd.source_run_id": source.run_id or ""}
+    with tracking.job_run(cfg.name, registry.Role.EVALUATE, tags) as run:
         tracking.log_params({"data.source": cfg.data.source, "split": split_name, "n_examples": len(split), **_settings(ev, uri)})
         tracking.log_metrics(metrics)
     return Evaluation(run.info.run_id, uri, name, split_name, len(split), score, agrees, parameters, size_mb, latency)

@@ -141,10 +141,10 @@ def run_export(cfg: ExperimentConfig) -> ExportResult:
         tensorrt = build_tensorrt(folders["fp32"] / ONNX_FILE, work / "tensorrt", source.max_length)
         scores = {"pytorch": accuracy(pytorch, split.labels), **{kind: accuracy(logits, split.labels) for kind, logits in onnx.items()}}
         names = label_names(json.loads((folders["fp32"] / "config.json").read_text()))
-        tags = {"kd.role": registry.Role.EXPORT, "kd.source_model_uri": uri, "kd.source_run_id": source.run_id or "", "kd.tensorrt": tensorrt}
+        tags = {"kd.source_model_uri": uri, "kd.source_run_id": source.run_id or "", "kd.tensorrt": tensorrt}
         if source.registered_name:
             tags |= {"kd.source_model_name": source.registered_name, "kd.source_model_version": source.registered_version}
-        with tracking.job_run(cfg.name, "export", tags) as run:
+        with tracking.job_run(cfg.name, registry.Role.EXPORT, tags) as run:
             tracking.log_params({"export.model_uri": uri, "export.opset": ex.opset, "export.tolerance": ex.tolerance, "split": cfg.data.eval_split})
             tracking.log_metrics(
                 {

@@ -4,8 +4,6 @@ student cut from a teacher's layers."""
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,17 +39,6 @@ class Classifier:
 def count_parameters(model: torch.nn.Module, embeddings: bool = True) -> int:
     """Parameters of ``model``; ``embeddings=False`` leaves out the embedding tables (for FLOP counts)."""
     return sum(p.numel() for name, p in model.named_parameters() if embeddings or "embeddings" not in name)
-
-
-def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
-    """Hash of the tokenizer's definition (vocab, normalizer, special tokens), not its name.
-
-    Truncation and padding are left out: they are per-call settings the backend remembers.
-    """
-    definition = json.loads(tokenizer.backend_tokenizer.to_str())
-    definition.pop("truncation", None)
-    definition.pop("padding", None)
-    return hashlib.sha256(json.dumps(definition, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def train_wordpiece(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:

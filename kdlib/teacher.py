@@ -10,7 +10,7 @@ from kdlib import batching, logits_cache, registry, tracking
 from kdlib.config import ExperimentConfig
 from kdlib.data import load_splits
 from kdlib.metrics import classification_metrics
-from kdlib.models import count_parameters, load_classifier, tokenizer_fingerprint
+from kdlib.models import count_parameters, load_classifier
 from kdlib.training import fit, make_accelerator, predict_logits
 
 
@@ -34,7 +34,7 @@ def run_teacher(cfg: ExperimentConfig) -> TeacherResult:
     pad = classifier.tokenizer.pad_token_id
     name = registry.teacher_model_name(cfg)
 
-    with tracking.job_run(cfg.name, "teacher", {"kd.role": registry.Role.TEACHER}) as run:
+    with tracking.job_run(cfg.name, registry.Role.TEACHER) as run:
         tracking.log_config(
             cfg,
             {
@@ -63,7 +63,12 @@ def run_teacher(cfg: ExperimentConfig) -> TeacherResult:
         model_uri = tracking.log_classifier(classifier, cfg.data.max_length)
         with registry.registered_version(model_uri, name) as version:
             key = logits_cache.LogitsKey(
-                name, version, splits.train.fingerprint, splits.eval.fingerprint, tokenizer_fingerprint(classifier.tokenizer), cfg.data.max_length
+                name,
+                version,
+                splits.train.fingerprint,
+                splits.eval.fingerprint,
+                batching.tokenizer_fingerprint(classifier.tokenizer),
+                cfg.data.max_length,
             )
             with tempfile.TemporaryDirectory() as tmp:
                 folder = logits_cache.write(Path(tmp), key, train_logits, dev_logits)

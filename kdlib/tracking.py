@@ -33,7 +33,10 @@ POST_TRAINING = ("evaluate.", "export.", "report.")
 LAUNCHER_RUN = "MLFLOW_RUN_ID"
 # Every run names its experiment here, wherever `mlflow run` filed it.
 EXPERIMENT_TAG = "kd.experiment"
-_launcher_used = False
+ROLE_TAG = "kd.role"  # what the run is: its values are registry.Role's
+MODEL = "model"  # the artifact path of a training run's model
+# The launcher's run id once a job of this process has used it (MLflow drops the variable when that run ends).
+_launcher_used: str | None = None
 
 
 def tracking_uri() -> str:
@@ -41,7 +44,7 @@ def tracking_uri() -> str:
 
 
 @contextlib.contextmanager
-def job_run(experiment: str, run_name: str, tags: dict[str, str]) -> Iterator[mlflow.ActiveRun]:
+def job_run(experiment: str, role: str, tags: dict[str, str] | None = None, run_name: str | None = None) -> Iterator[mlflow.ActiveRun]:
     """The MLflow run a job logs to; FAILED if the job raises.
 
     Under ``mlflow run`` it is the launcher's run, the one ``mlflow run`` prints, in whichever
@@ -49,10 +52,11 @@ def job_run(experiment: str, run_name: str, tags: dict[str, str]) -> Iterator[ml
     (``main``: teacher, then sweep) logs to a child of it. Otherwise a new run in ``experiment``.
     """
     global _launcher_used
-    tags = {**tags, EXPERIMENT_TAG: experiment}
-    launcher = os.environ.get(LAUNCHER_RUN)
+    tags = {**(tags or {}), ROLE_TAG: role, EXPERIMENT_TAG: experiment}
+    run_name = run_name or role
+    launcher = _launcher_used or os.environ.get(LAUNCHER_RUN)
     if launcher and not _launcher_used:
-        _launcher_used = True
+        _launcher_used = launcher
         experiment_id = MlflowClient().get_run(launcher).info.experiment_id
         mlflow.set_experiment(experiment_id=experiment_id)
         with mlflow.start_run(run_id=launcher) as run:
@@ -70,11 +74,11 @@ def job_run(experiment: str, run_name: str, tags: dict[str, str]) -> Iterator[ml
 
 
 @contextlib.contextmanager
-def child_run(run_name: str, tags: dict[str, str], finished_on: tuple[type[BaseException], ...] = ()) -> Iterator[mlflow.ActiveRun]:
+def child_run(run_name: str, role: str, tags: dict[str, str], finished_on: tuple[type[BaseException], ...] = ()) -> Iterator[mlflow.ActiveRun]:
     """A run nested under the active one: FINISHED when the block ends or raises one of ``finished_on``
     (a pruned trial ended as planned), KILLED on Ctrl-C, FAILED otherwise. The parent stays open."""
     parent = mlflow.active_run()
-    run = mlflow.start_run(run_name=run_name, nested=True, tags=tags, experiment_id=parent.info.experiment_id)
+    run = mlflow.start_run(run_name=run_name, nested=True, tags={**tags, ROLE_TAG: role}, experiment_id=parent.info.experiment_id)
     status = "FAILED"
     try:
         yield run
@@ -153,7 +157,7 @@ def child_runs(parent_run_id: str, role: str) -> list:
     """Runs nested directly under ``parent_run_id`` with ``kd.role`` = ``role``."""
     client = MlflowClient()
     experiment = client.get_run(parent_run_id).info.experiment_id
-    return client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.`kd.role` = '{role}'")
+    return client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.`{ROLE_TAG}` = '{role}'")
 
 
 def find_runs(experiment: str, filter_string: str) -> list:
@@ -200,7 +204,7 @@ def log_text_classifier(folder: Path, kind: str, names: list[str], max_length: i
     return info.model_uri
 
 
-def log_classifier(classifier: Classifier, max_length: int, name: str = "model") -> str:
+def log_classifier(classifier: Classifier, max_length: int, name: str = MODEL) -> str:
     """Log a PyTorch classifier for raw strings; returns its model URI."""
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / HF_MODEL  # the folder's name is kept inside the logged model

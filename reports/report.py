@@ -68,7 +68,7 @@ def _plain_student(cfg: ExperimentConfig):
     """The newest student run trained on hard labels only (distill.alpha = 0), or None."""
     runs = tracking.find_runs(cfg.name, "attributes.status = 'FINISHED' and params.`distill.alpha` LIKE '0%'")
     roles = (registry.Role.STUDENT, registry.Role.PLAIN_STUDENT)
-    plain = (r for r in runs if r.data.tags.get("kd.role") in roles and float(r.data.params["distill.alpha"]) == 0.0)
+    plain = (r for r in runs if r.data.tags.get(tracking.ROLE_TAG) in roles and float(r.data.params["distill.alpha"]) == 0.0)
     return next(plain, None)
 
 
@@ -81,7 +81,7 @@ def _candidates(cfg: ExperimentConfig, study: optuna.Study) -> list[tuple[str, s
         out.append(("teacher", f"models:/{teacher.name}/{teacher.version}", teacher.run_id, run.data.metrics[METRIC]))
     plain = _plain_student(cfg)
     if plain is not None:
-        out.append(("plain student", f"runs:/{plain.info.run_id}/model", plain.info.run_id, plain.data.metrics[METRIC]))
+        out.append(("plain student", f"runs:/{plain.info.run_id}/{tracking.MODEL}", plain.info.run_id, plain.data.metrics[METRIC]))
     for trial in _best(study, cfg.report.top_k):
         out.append((f"trial {trial.number}", trial.user_attrs[MODEL_ATTR], trial.user_attrs[RUN_ATTR], trial.value))
     return out

@@ -47,7 +47,7 @@ class Objective:
             for key, value in params.items()
         )
         print(f"trial {place}/{self.cfg.search.n_trials} (Optuna trial {trial.number}) started: {settings}", flush=True)
-        tags = {"kd.role": registry.Role.TRIAL, "optuna.study": self.study_name, "optuna.trial": str(trial.number)}
+        tags = {"optuna.study": self.study_name, "optuna.trial": str(trial.number)}
         # Recorded so a later worker can close both runs if this process dies mid-trial.
         trial.set_user_attr(WORKER_RUN_ATTR, tracking.active_run_id())
         trial.set_user_attr(WORKER_ATTR, worker_id())
@@ -59,7 +59,7 @@ class Objective:
                 tracking.set_tags({"optuna.pruned": "true"})  # it ends FINISHED; the tag tells it apart
                 raise optuna.TrialPruned(f"{registry.METRIC} {metrics[registry.METRIC]:.4f} after epoch {epoch} is below the pruner's bar")
 
-        with tracking.child_run(f"trial-{trial.number}", tags, finished_on=(optuna.TrialPruned,)) as run:
+        with tracking.child_run(f"trial-{trial.number}", registry.Role.TRIAL, tags, finished_on=(optuna.TrialPruned,)) as run:
             trial.set_user_attr(RUN_ATTR, run.info.run_id)
             result = log_student_run(trial_cfg, self.data, on_epoch_end, label=f"trial {trial.number}: ")
             trial.set_user_attr(MODEL_ATTR, result.model_uri)

@@ -105,7 +105,7 @@ def run_sweep(cfg: ExperimentConfig) -> SweepResult:
         recover_dead_local_trials(study)
         objective = Objective(cfg, data, name)
         progress = _Progress(objective)
-        with tracking.job_run(cfg.name, "sweep", {"kd.role": registry.Role.SWEEP, "optuna.study": name, "optuna.storage": url}) as run:
+        with tracking.job_run(cfg.name, registry.Role.SWEEP, {"optuna.study": name, "optuna.storage": url}) as run:
             _attach_to_root(study, run.info.run_id)
             tracking.log_params(
                 {

@@ -3,7 +3,18 @@ from pathlib import Path
 
 import pytest
 
-from kdlib.config import DistillConfig, ExperimentConfig, SearchConfig, SearchParam, TrainConfig, build_config, flatten, parse_overrides, settings
+from kdlib.config import (
+    DistillConfig,
+    ExperimentConfig,
+    SearchConfig,
+    SearchParam,
+    TrainConfig,
+    build_config,
+    flatten,
+    parse_overrides,
+    settings,
+    settings_table,
+)
 from kdlib.errors import KDError
 from tests.conftest import ROOT
 
@@ -130,3 +141,9 @@ def test_search_space_entries_merge_field_by_field():
 def test_every_setting_has_a_meaning():
     for key, _type, _default, meaning in settings():
         assert meaning, f"{key} has no help line in its class docstring"
+
+
+def test_readme_lists_every_setting():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    table = readme.split("<!-- settings: generated")[1].split("-->", 1)[1].split("<!-- /settings -->")[0].strip()
+    assert table == settings_table()

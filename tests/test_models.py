@@ -1,9 +1,10 @@
 import pytest
 import torch
 
+from kdlib.batching import tokenizer_fingerprint
 from kdlib.config import ModelConfig
 from kdlib.errors import KDError
-from kdlib.models import cut_from_teacher, load_classifier, tokenizer_fingerprint
+from kdlib.models import cut_from_teacher, load_classifier
 from tests.helpers import LABELS, demo_splits, tiny_classifier
 
 

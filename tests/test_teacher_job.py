@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 
 from kdlib import teacher as teacher_job
 from kdlib import tracking
-from kdlib.cli import main
+from kdlib.__main__ import main
 from kdlib.config import build_config, parse_overrides
 from kdlib.data import load_splits
 from tests.conftest import SMOKE, mlflow_run, write_tsv
@@ -77,11 +77,11 @@ def test_the_launcher_run_holds_the_results_in_any_experiment(monkeypatch):
     """`mlflow run` without --experiment-name opens its run in "Default" and prints its id: the job logs there."""
     launcher = MlflowClient().create_run("0").info.run_id
     monkeypatch.setenv("MLFLOW_RUN_ID", launcher)
-    monkeypatch.setattr(tracking, "_launcher_used", False)
-    with tracking.job_run("smoke", "teacher", {"kd.role": "teacher"}) as run:
+    monkeypatch.setattr(tracking, "_launcher_used", None)
+    with tracking.job_run("smoke", "teacher") as run:
         tracking.log_metrics({"dev_accuracy": 0.5})
     # A second job of the same command (main: teacher, then sweep) nests under the printed run.
-    with tracking.job_run("smoke", "sweep", {"kd.role": "sweep"}) as second:
+    with tracking.job_run("smoke", "sweep") as second:
         pass
     client = MlflowClient()
     assert run.info.run_id == launcher
