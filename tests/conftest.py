@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -47,8 +48,9 @@ def subprocess_env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
-def mlflow_run(tmp_path: Path, entry: str, *overrides: str) -> subprocess.CompletedProcess:
-    """``mlflow run`` of an entry point on the smoke experiment, as the README gives it."""
+def mlflow_run(tmp_path: Path, entry: str, *overrides: str, experiment_name: str | None = "smoke") -> subprocess.CompletedProcess:
+    """``mlflow run`` of an entry point on the smoke experiment, as the README gives it
+    (``experiment_name=None``: without ``--experiment-name``)."""
     command = [
         sys.executable,
         "-m",
@@ -59,14 +61,18 @@ def mlflow_run(tmp_path: Path, entry: str, *overrides: str) -> subprocess.Comple
         entry,
         "--env-manager",
         "local",
-        "--experiment-name",
-        "smoke",
+        *(["--experiment-name", experiment_name] if experiment_name else []),
         "-P",
         f"experiment={SMOKE}",
     ]
     for override in overrides:
         command += ["-P", override]
     return subprocess.run(command, env=subprocess_env(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=600)
+
+
+def printed_run_id(done: subprocess.CompletedProcess) -> str:
+    """The run id ``mlflow run`` printed at the end: ``=== Run (ID '<id>') succeeded ===``."""
+    return re.search(r"=== Run \(ID '(\w+)'\) succeeded ===", done.stderr).group(1)
 
 
 @contextlib.contextmanager

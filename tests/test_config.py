@@ -147,3 +147,9 @@ def test_readme_lists_every_setting():
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     table = readme.split("<!-- settings: generated")[1].split("-->", 1)[1].split("<!-- /settings -->")[0].strip()
     assert table == settings_table()
+
+
+def test_null_words_clear_only_nullable_settings():
+    cfg = build_config(None, parse_overrides(["search.pruner=none", "search.timeout=null", "data.max_train_examples=~"]))
+    assert cfg.search.pruner == "none"  # a choice, not "unset"
+    assert cfg.search.timeout is None and cfg.data.max_train_examples is None

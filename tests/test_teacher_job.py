@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import mlflow
@@ -15,7 +16,7 @@ from kdlib import tracking
 from kdlib.__main__ import main
 from kdlib.config import build_config, parse_overrides
 from kdlib.data import load_splits
-from tests.conftest import SMOKE, mlflow_run, write_tsv
+from tests.conftest import SMOKE, mlflow_run, printed_run_id, write_tsv
 
 # Fewer, shorter epochs than the demo: these tests check plumbing, not accuracy.
 FAST = ["train.epochs=2", "data.max_eval_examples=200"]
@@ -36,10 +37,15 @@ def test_mlflow_run_teacher_registers_caches_logits_and_predicts(tmp_path):
     # As the README runs it: the launcher's run is the job's run, and it already holds the -P params.
     done = mlflow_run(tmp_path, "teacher", *FAST)
     assert done.returncode == 0, done.stderr[-3000:]
+    # Not a terminal: one progress line per epoch instead of a bar.
+    assert re.search(r"^teacher: epoch 2/2: \d+ steps, train_loss [\d.]+, dev_accuracy [\d.]+, .*examples/s, elapsed .*, ETA", done.stdout, re.M), (
+        done.stdout
+    )
 
     client = MlflowClient()
     version = client.get_model_version_by_alias("smoke-teacher", "champion")
     run = client.get_run(version.run_id)
+    assert run.info.run_id == printed_run_id(done)  # the run `mlflow run` printed holds the results
     assert client.get_experiment(run.info.experiment_id).name == "smoke"  # not "Default"
     assert run.info.status == "FINISHED"
     assert run.data.params["train.epochs"] == "2"  # the -P override reached the job

@@ -1,0 +1,68 @@
+"""The entry module: help, --print-config, short names, exit statuses, and `mlflow run` without --experiment-name."""
+
+from __future__ import annotations
+
+import yaml
+from mlflow.tracking import MlflowClient
+
+from kdlib import __main__ as entry
+from kdlib.config import build_config, settings
+from tests.conftest import ROOT, SMOKE, mlflow_run, printed_run_id
+
+
+def test_help_lists_every_setting_and_the_jobs_short_names(capsys):
+    for name, job in entry.JOBS.items():
+        assert entry.main([name, "--help"]) == 0
+        out = capsys.readouterr().out
+        for key, kind, _default, meaning in settings():
+            assert f"  {key}  {kind}, default " in out and meaning in out, f"{name} --help lacks {key}"
+        for short, key in entry.short_names(job).items():
+            assert f"  {short} = {key}" in out
+    assert "  search.n_trials  an integer, default 30: " in out
+
+
+def test_print_config_shows_the_merged_config_and_touches_no_store(tmp_path, capsys):
+    minilm = str(ROOT / "experiments" / "sst2-minilm.yaml")
+    assert entry.main(["distill", "--experiment", minilm, "distill.train.epochs=2", "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["distill"]["train"] == {**printed["distill"]["train"], "learning_rate": 1e-4, "epochs": 2}
+    assert printed["student"]["name_or_path"] == "bert-base-uncased"  # the student's own default
+    assert printed["student"]["teacher_layers"] == [0, 2, 4] and printed["train"]["epochs"] == 2  # from the YAML
+    assert not (tmp_path / "mlflow.db").exists()
+    # The printed YAML is an experiment file that builds the same config.
+    again = tmp_path / "printed.yaml"
+    again.write_text(yaml.safe_dump(printed))
+    assert build_config(again) == build_config(minilm, {"distill.train.epochs": "2"})
+
+
+def test_short_names_reach_their_keys(capsys):
+    assert entry.main(["sweep", "--experiment", str(SMOKE), "n_trials=7", "--top_k", "2", "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["search"]["n_trials"] == 7 and printed["report"]["top_k"] == 2
+    # Short names belong to their jobs: evaluate's model_uri is not export's.
+    assert entry.main(["export", "--experiment", str(SMOKE), "model_uri=runs:/x/model", "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["export"]["model_uri"] == "runs:/x/model"
+    assert entry.main(["teacher", "--experiment", str(SMOKE), "n_trials=7"]) == 2
+    assert "unknown key 'n_trials'" in capsys.readouterr().err
+
+
+def test_no_job_and_ctrl_c_give_one_line(monkeypatch, capsys):
+    assert entry.main([]) == 2
+    assert capsys.readouterr().err.strip().endswith("error: name a job; `python -m kdlib --help` lists them")
+
+    def interrupted(cfg):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(entry.JOBS, "teacher", entry.Job(interrupted, "interrupted"))
+    assert entry.main(["teacher", "--experiment", str(SMOKE)]) == 130
+    assert capsys.readouterr().err == "interrupted; rerun the same command to resume\n"
+
+
+def test_mlflow_run_without_experiment_name_prints_the_run_that_holds_the_results(tmp_path):
+    done = mlflow_run(tmp_path, "teacher", "train.epochs=1", "data.max_eval_examples=100", experiment_name=None)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = MlflowClient().get_run(printed_run_id(done))
+    assert run.data.tags["kd.experiment"] == "smoke" and run.data.tags["kd.role"] == "teacher"
+    assert "dev_accuracy" in run.data.metrics and run.data.tags["kd.teacher_logits"]
+    version = MlflowClient().get_model_version_by_alias("smoke-teacher", "champion")
+    assert version.run_id == run.info.run_id
