@@ -384,12 +384,25 @@ def _section_keys(dotted: str) -> list[str]:
     return sorted(prefix + f.name for f in dataclasses.fields(cls)) if _is_config(cls) else []
 
 
+def _scalar_section(values: dict[str, Any], cls: type, prefix: str = "") -> tuple[str, Any]:
+    """(dotted key, value) of the first section in ``values`` that holds a plain value instead of a mapping."""
+    for name, value in values.items():
+        tp = _hints(cls).get(name)
+        if _is_config(tp):
+            if not isinstance(value, dict):
+                return f"{prefix}{name}", value
+            found = _scalar_section(value, tp, f"{prefix}{name}.")
+            if found[0]:
+                return found
+    return "", None
+
+
 def _omegaconf_error(exc: OmegaConfBaseException, values: Any) -> KDError:
     """One line naming the key for anything OmegaConf refused."""
     key = exc.full_key or ""
     if not key:  # a whole section given a scalar: OmegaConf names neither
-        key = next((k for k, v in (values or {}).items() if not isinstance(v, dict) and _is_config(_hints(ExperimentConfig).get(k))), "")
-        return KDError(f"config: {key} = {values.get(key)!r} has the wrong type; expected a mapping of its fields")
+        key, value = _scalar_section(values, ExperimentConfig)
+        return KDError(f"config: {key} = {value!r} has the wrong type; expected a mapping of its fields")
     if "not in" in str(exc).splitlines()[0]:  # ConfigKeyError
         return KDError(f"config: unknown key {key!r}; expected one of {_section_keys(key)}")
     return KDError(f"config: {key} = {exc.value!r} has the wrong type; expected {_expected_for(key)}")

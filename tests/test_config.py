@@ -59,6 +59,7 @@ def test_shipped_experiments_load():
         ("teacher.hidden_size=0", "teacher.hidden_size = 0 is out of range"),
         ("data.label_names=only", "data.label_names = ('only',) is out of range; expected at least two"),
         ("train=3", "train = '3' has the wrong type; expected a mapping"),
+        ("distill.train=3", "distill.train = '3' has the wrong type; expected a mapping of its fields"),
     ],
 )
 def test_bad_override_names_key_and_expectation(override, message):
