@@ -61,6 +61,6 @@ class Objective:
 
         with tracking.child_run(f"trial-{trial.number}", registry.Role.TRIAL, tags, finished_on=(optuna.TrialPruned,)) as run:
             trial.set_user_attr(RUN_ATTR, run.info.run_id)
-            result = log_student_run(trial_cfg, self.data, on_epoch_end, label=f"trial {trial.number}: ")
+            result = log_student_run(trial_cfg, self.data, on_epoch_end, label=f"trial {place}/{self.cfg.search.n_trials}: ")
             trial.set_user_attr(MODEL_ATTR, result.model_uri)
             return result.dev_accuracy
