@@ -5,7 +5,7 @@ from __future__ import annotations
 import tempfile
 
 from kdlib import registry, tracking
-from kdlib.config import ExperimentConfig
+from kdlib.config import ExperimentConfig, flatten
 from kdlib.student import StudentResult, log_student_run, prepare
 
 
@@ -18,5 +18,16 @@ def run_distill(cfg: ExperimentConfig, register: bool = True, role: str = regist
             result = log_student_run(cfg, data)
             if not register:
                 return result, None, False
-            version, promoted = registry.register_and_promote(result.model_uri, registry.student_model_name(cfg), result.dev_accuracy)
+            settings = {
+                key: value
+                for key, value in flatten(cfg.distill, "distill.").items()
+                if not key.startswith("distill.train.") or key.endswith(("learning_rate", "epochs"))
+            }
+            version, promoted = registry.register_and_promote(
+                result.model_uri,
+                registry.student_model_name(cfg),
+                result.dev_accuracy,
+                description=f"Student of the distill job: {registry.METRIC} {result.dev_accuracy:.4f} with {settings}.",
+                tags={registry.METRIC: f"{result.dev_accuracy:.4f}", **{k: str(v) for k, v in settings.items()}},
+            )
     return result, version, promoted

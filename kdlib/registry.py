@@ -51,12 +51,29 @@ def champion_uri(model_name: str) -> str:
     return f"models:/{model_name}@{CHAMPION}"
 
 
+def _not_found(exc: MlflowException) -> bool:
+    """MLflow's answer for a missing model (RESOURCE_DOES_NOT_EXIST) or a missing alias (INVALID_PARAMETER_VALUE)."""
+    message = str(exc).lower()
+    return exc.error_code == "RESOURCE_DOES_NOT_EXIST" or (
+        exc.error_code == "INVALID_PARAMETER_VALUE" and "alias" in message and "not found" in message
+    )
+
+
 def champion(model_name: str):
-    """The registered version holding ``champion``, or None."""
+    """The registered version holding ``champion``, or None when there is none.
+
+    Only "not found" means no champion: any other answer of the store (a server that is down or
+    erring after MLflow's own retries) is a KDError, never read as "no champion yet", which would
+    let a worse model take the alias.
+    """
     try:
         return MlflowClient().get_model_version_by_alias(model_name, CHAMPION)
-    except MlflowException:
-        return None
+    except MlflowException as exc:
+        if _not_found(exc):
+            return None
+        raise KDError(
+            f"registry: cannot read the {CHAMPION!r} alias of {model_name!r} from {mlflow.get_tracking_uri()}: {str(exc).splitlines()[0]}"
+        ) from None
 
 
 def champion_metric(model_name: str) -> tuple[str | None, float | None]:
@@ -76,25 +93,73 @@ def champion_version(model_name: str, hint: str):
     return version
 
 
-@contextlib.contextmanager
-def registered_version(model_uri: str, model_name: str, run_id: str | None = None) -> Iterator[str]:
-    """Register ``model_uri`` (logged by ``run_id``, default the active run); if the block raises,
-    delete the new version so the registry is unchanged."""
-    client = MlflowClient()
+def _model_id(model_uri: str) -> str | None:
+    """The logged model's id of a ``models:/m-...`` URI (what MLflow 3's log_model returns), else None."""
+    return model_uri[len("models:/") :] if model_uri.startswith("models:/m-") else None
+
+
+def _versions_of(client: MlflowClient, model_name: str, model_uri: str) -> list[int]:
+    """Versions of ``model_name`` registered from ``model_uri``, oldest first."""
+    model_id = _model_id(model_uri)
+    found = client.search_model_versions(f"name = '{model_name}'")
+    return sorted(int(v.version) for v in found if v.source == model_uri or (model_id and v.model_id == model_id))
+
+
+def _has_model(client: MlflowClient, model_name: str) -> bool:
     try:
         client.get_registered_model(model_name)
-        created_model = False
-    except MlflowException:
-        client.create_registered_model(model_name)
-        created_model = True
-    version = client.create_model_version(model_name, model_uri, run_id=run_id or mlflow.active_run().info.run_id).version
+        return True
+    except MlflowException as exc:
+        if _not_found(exc):
+            return False
+        raise
+
+
+def _create_model(client: MlflowClient, model_name: str) -> bool:
+    """Create the registered model if it does not exist; True if this call created it."""
     try:
-        yield str(version)
+        client.create_registered_model(model_name)
+        return True
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_ALREADY_EXISTS":  # another worker, or an earlier job
+            return False
+        raise
+
+
+@contextlib.contextmanager
+def registered_version(model_uri: str, model_name: str, run_id: str | None = None, description: str = "", tags: dict | None = None) -> Iterator[str]:
+    """Register ``model_uri`` (logged by ``run_id``, default the active run) once; if the block raises,
+    remove what this call added, so the registry is unchanged.
+
+    Idempotent across workers: a model already registered from ``model_uri`` is reused, and when
+    two workers register it at the same moment, both keep the older version and the newer one is
+    deleted by the worker that made it. A ``models:/m-...`` URI (an MLflow 3 logged model) is
+    registered with its ``model_id``, which a tracking server requires.
+    """
+    client = MlflowClient()
+    existing = _versions_of(client, model_name, model_uri) if _has_model(client, model_name) else []
+    if existing:
+        yield str(existing[0])
+        return
+    created_model = _create_model(client, model_name)
+    ours = None
+    try:
+        run_id = run_id or mlflow.active_run().info.run_id
+        made = client.create_model_version(
+            model_name, model_uri, run_id=run_id, description=description or None, tags=tags, model_id=_model_id(model_uri)
+        )
+        ours = int(made.version)
+        first = _versions_of(client, model_name, model_uri)[0]
+        if first != ours:  # another worker registered the same model a moment earlier: keep theirs
+            client.delete_model_version(model_name, str(ours))
+            ours = None
+        yield str(first)
     except BaseException:
-        if created_model:
+        if ours is not None:
+            client.delete_model_version(model_name, str(ours))
+        # An empty registered model is left to nobody: remove it if this call made it and no one else used it.
+        if created_model and not client.search_model_versions(f"name = '{model_name}'"):
             client.delete_registered_model(model_name)
-        else:
-            client.delete_model_version(model_name, version)
         raise
 
 
@@ -117,9 +182,11 @@ def promote_if_better(model_name: str, version: str, value: float) -> bool:
     return promoted
 
 
-def register_and_promote(model_uri: str, model_name: str, value: float, run_id: str | None = None) -> tuple[str, bool]:
+def register_and_promote(
+    model_uri: str, model_name: str, value: float, run_id: str | None = None, description: str = "", tags: dict | None = None
+) -> tuple[str, bool]:
     """Register a model and move ``champion`` to it if it is better: (version, promoted)."""
-    with registered_version(model_uri, model_name, run_id) as version:
+    with registered_version(model_uri, model_name, run_id, description, tags) as version:
         return version, promote_if_better(model_name, version, value)
 
 

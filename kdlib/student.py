@@ -111,6 +111,7 @@ def log_student_run(cfg: ExperimentConfig, data: StudentData, on_epoch_end=track
     """Inside an open MLflow run: log the student's settings, train it, log per-epoch metrics and the model."""
     tracking.log_config(
         cfg,
+        ("data", "student", "distill"),  # the teacher's settings are its own run's
         {
             "teacher_version": data.teacher_version,
             "teacher_run_id": data.teacher_run_id,

@@ -37,6 +37,7 @@ def run_teacher(cfg: ExperimentConfig) -> TeacherResult:
     with tracking.job_run(cfg.name, registry.Role.TEACHER) as run:
         tracking.log_config(
             cfg,
+            ("data", "teacher", "train"),
             {
                 "n_train": len(train),
                 "n_dev": len(dev),
@@ -61,7 +62,10 @@ def run_teacher(cfg: ExperimentConfig) -> TeacherResult:
         train_logits = predict_logits(classifier.model, batching.eval_loader(train, pad, cfg.train.eval_batch_size), accelerator)
         dev_logits = predict_logits(classifier.model, batching.eval_loader(dev, pad, cfg.train.eval_batch_size), accelerator)
         model_uri = tracking.log_classifier(classifier, cfg.data.max_length)
-        with registry.registered_version(model_uri, name) as version:
+        description = (
+            f"Teacher {cfg.teacher.name_or_path} fine-tuned on {cfg.data.source} ({len(train)} sentences): {registry.METRIC} {dev_accuracy:.4f}."
+        )
+        with registry.registered_version(model_uri, name, description=description, tags={registry.METRIC: f"{dev_accuracy:.4f}"}) as version:
             key = logits_cache.LogitsKey(
                 name,
                 version,

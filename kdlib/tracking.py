@@ -27,8 +27,6 @@ from kdlib.models import Classifier
 from kdlib.serving import HF_MODEL, label_names
 
 SERVING_CODE = Path(__file__).with_name("serving.py")
-# Settings of the jobs that act on a trained model; training runs do not log them.
-POST_TRAINING = ("evaluate.", "export.", "report.")
 # A run started by `mlflow run` hands its id to the command through this variable.
 LAUNCHER_RUN = "MLFLOW_RUN_ID"
 # Every run names its experiment here, wherever `mlflow run` filed it.
@@ -104,9 +102,9 @@ def log_params(params: dict[str, Any]) -> None:
     mlflow.log_params({k: v for k, v in params.items() if k not in logged})
 
 
-def log_config(cfg: Any, extra: dict[str, Any]) -> None:
-    """A training run's settings: every config key but those of the post-training jobs, and ``extra``."""
-    log_params({**{k: v for k, v in flatten(cfg).items() if not k.startswith(POST_TRAINING)}, **extra})
+def log_config(cfg: Any, sections: tuple[str, ...], extra: dict[str, Any]) -> None:
+    """The settings that apply to this run (``name`` and the config ``sections`` it uses), and ``extra``."""
+    log_params({**{k: v for k, v in flatten(cfg).items() if k == "name" or k.split(".")[0] in sections}, **extra})
 
 
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:

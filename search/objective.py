@@ -11,6 +11,8 @@ from kdlib.student import StudentData, log_student_run
 from search.space import suggest
 from search.study import MODEL_ATTR, RUN_ATTR, WORKER_ATTR, WORKER_RUN_ATTR, worker_id
 
+# Short names of searched settings in run names and log lines: trial-3 T=5.2 a=0.72 lr=4.4e-05 ep=2.
+SHORT = {"distill.temperature": "T", "distill.alpha": "a", "distill.train.learning_rate": "lr", "distill.train.epochs": "ep"}
 # Trials that hold (or will hold) one of the n_trials places.
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
 
@@ -42,9 +44,8 @@ class Objective:
         place = self.places[trial.number] = self._check_place(trial)
         params = suggest(trial, self.cfg)
         trial_cfg = replace(self.cfg, params)
-        settings = ", ".join(
-            f"{key.rpartition('.')[2]}={value:.4g}" if isinstance(value, float) else f"{key.rpartition('.')[2]}={value}"
-            for key, value in params.items()
+        settings = " ".join(
+            f"{SHORT.get(key, key.rpartition('.')[2])}={f'{value:.2g}' if isinstance(value, float) else value}" for key, value in params.items()
         )
         print(f"trial {place}/{self.cfg.search.n_trials} (Optuna trial {trial.number}) started: {settings}", flush=True)
         tags = {"optuna.study": self.study_name, "optuna.trial": str(trial.number)}
@@ -59,7 +60,7 @@ class Objective:
                 tracking.set_tags({"optuna.pruned": "true"})  # it ends FINISHED; the tag tells it apart
                 raise optuna.TrialPruned(f"{registry.METRIC} {metrics[registry.METRIC]:.4f} after epoch {epoch} is below the pruner's bar")
 
-        with tracking.child_run(f"trial-{trial.number}", registry.Role.TRIAL, tags, finished_on=(optuna.TrialPruned,)) as run:
+        with tracking.child_run(f"trial-{trial.number} {settings}", registry.Role.TRIAL, tags, finished_on=(optuna.TrialPruned,)) as run:
             trial.set_user_attr(RUN_ATTR, run.info.run_id)
             result = log_student_run(trial_cfg, self.data, on_epoch_end, label=f"trial {place}/{self.cfg.search.n_trials}: ")
             trial.set_user_attr(MODEL_ATTR, result.model_uri)

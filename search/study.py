@@ -8,6 +8,7 @@ process on this host; either way the trial's MLflow run is marked FAILED and the
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 from pathlib import Path
@@ -21,7 +22,8 @@ from kdlib.config import ExperimentConfig
 from kdlib.errors import KDError
 
 ROOT_ATTR = "mlflow_sweep_run_id"  # study attribute: the sweep's first MLflow run, root of its tree
-JOURNAL = "optuna-journal.log"
+STORE_ATTR = "mlflow_tracking_uri"  # study attribute: the MLflow store its runs and models live in
+JOURNAL = "optuna-journal"
 HEARTBEAT_S = 10
 # Trial attributes: the trial's own MLflow run, its worker's run, and the worker process.
 RUN_ATTR, WORKER_RUN_ATTR, WORKER_ATTR = "mlflow_run_id", "worker_run_id", "worker"
@@ -37,10 +39,39 @@ def worker_id() -> str:
 
 
 def default_storage() -> str:
-    """A journal file beside the MLflow store when that is a local SQLite file, else in the working directory."""
+    """A journal file named after the MLflow store, so two stores in one folder never share a study:
+    ``<db>.optuna-journal.log`` beside a local SQLite store, else ``optuna-journal-<hash of the URI>.log``
+    in the working directory."""
     uri = tracking.tracking_uri()
-    folder = Path(uri[len("sqlite:///") :]).parent if uri.startswith("sqlite:///") else Path.cwd()
-    return str(folder / JOURNAL)
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///") :])
+        return str(db.parent / f"{db.stem}.{JOURNAL}.log")
+    return str(Path.cwd() / f"{JOURNAL}-{hashlib.sha256(uri.encode()).hexdigest()[:12]}.log")
+
+
+def safe_url(url: str) -> str:
+    """A storage URL fit to log or print: a database password is masked (``***``)."""
+    if "://" not in url:
+        return url
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a database URL SQLAlchemy reads: keep the scheme and host part only
+        return url.split("@")[-1]
+
+
+def check_store(study: optuna.Study) -> None:
+    """Tie the study to this MLflow store; refuse it if its runs and models live in another."""
+    here = tracking.tracking_uri()
+    recorded = study.user_attrs.get(STORE_ATTR)
+    if recorded is None:
+        study.set_user_attr(STORE_ATTR, here)
+    elif recorded != here:
+        raise KDError(
+            f"search.storage: study {study.study_name!r} belongs to the MLflow store {recorded}, not {here}; "
+            "point MLFLOW_TRACKING_URI at that store, or give this store its own study (search.study_name or search.storage)"
+        )
 
 
 def _mark_run_failed(trial: FrozenTrial) -> None:
@@ -56,6 +87,7 @@ def _retry(study: optuna.Study, trial: FrozenTrial) -> None:
 
 
 def make_storage(url: str | None) -> tuple[optuna.storages.BaseStorage, str]:
+    """The storage and its URL as it may be shown or logged (password masked)."""
     url = url or default_storage()
     if "://" in url:
         from sqlalchemy.exc import IntegrityError
@@ -65,14 +97,14 @@ def make_storage(url: str | None) -> tuple[optuna.storages.BaseStorage, str]:
                 storage = optuna.storages.RDBStorage(
                     url, heartbeat_interval=HEARTBEAT_S, grace_period=3 * HEARTBEAT_S, heartbeat_stale_trial_callback=_retry
                 )
-                return storage, url
+                return storage, safe_url(url)
             except IntegrityError:
                 # Workers starting together race to create Optuna's tables; the loser finds them made.
                 if attempt == 2:
                     raise
             except Exception as exc:  # SQLAlchemy raises many types for "cannot connect"
                 raise KDError(
-                    f"search.storage: cannot open {url!r} ({type(exc).__name__}: {str(exc).splitlines()[0]}); expected a reachable database URL or a journal file path"
+                    f"search.storage: cannot open {safe_url(url)!r} ({type(exc).__name__}: {str(exc).splitlines()[0]}); expected a reachable database URL or a journal file path"
                 ) from None
     Path(url).parent.mkdir(parents=True, exist_ok=True)
     return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(url)), url
@@ -90,7 +122,7 @@ def load_study(cfg: ExperimentConfig) -> tuple[optuna.Study, str]:
     except KeyError:
         there = ", ".join(optuna.get_all_study_names(storage)) or "none"
         raise KDError(
-            f"report: no study {name!r} in {url} (studies there: {there}); pass the experiment file the sweep ran with "
+            f"report: no study {name!r} in {safe_url(url)} (studies there: {there}); pass the experiment file the sweep ran with "
             "(-P experiment=...) or set search.study_name"
         ) from None
 

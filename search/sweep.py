@@ -7,6 +7,8 @@ each worker's run nests under the sweep's first run, so ``mlflow ui`` shows one 
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import tempfile
 import time
 from dataclasses import dataclass
@@ -20,7 +22,7 @@ from kdlib.student import prepare
 from kdlib.training import NonFiniteLoss, format_duration
 from search import space
 from search.objective import Objective, SurplusTrial
-from search.study import MODEL_ATTR, ROOT_ATTR, RUN_ATTR, finished, make_storage, recover_dead_local_trials, study_name
+from search.study import MODEL_ATTR, ROOT_ATTR, RUN_ATTR, check_store, finished, make_storage, recover_dead_local_trials, study_name
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,7 @@ def run_sweep(cfg: ExperimentConfig) -> SweepResult:
     with tempfile.TemporaryDirectory(prefix="kd-sweep-") as tmp:
         data = prepare(cfg, tmp)
         study = optuna.create_study(study_name=name, storage=storage, direction="maximize", pruner=_pruner(cfg), load_if_exists=True)
+        check_store(study)
         # Reseed on resume: a resumed or second worker must not replay the first worker's draws.
         study.sampler = optuna.samplers.TPESampler(seed=cfg.search.seed + len(study.trials))
         recover_dead_local_trials(study)
@@ -114,6 +117,7 @@ def run_sweep(cfg: ExperimentConfig) -> SweepResult:
                     "search.study_name": name,
                     "search.pruner": cfg.search.pruner,
                     "search.seed": cfg.search.seed,
+                    "search.space": json.dumps({key: dataclasses.asdict(param) for key, param in cfg.search.space.items()}),
                 }
             )
             deadline = time.monotonic() + cfg.search.timeout if cfg.search.timeout else None
@@ -130,7 +134,18 @@ def _promote_best(cfg: ExperimentConfig, study: optuna.Study, run_id: str, url: 
         tracking.set_tags({"champion.promoted": "false"})
         return SweepResult(study.study_name, url, run_id, done, None, {}, None, False)
     best = study.best_trial
+    tags = {
+        "optuna.study": study.study_name,
+        "optuna.trial": str(best.number),
+        registry.METRIC: f"{best.value:.4f}",
+        **{k: str(v) for k, v in best.params.items()},
+    }
     version, promoted = registry.register_and_promote(
-        best.user_attrs[MODEL_ATTR], registry.student_model_name(cfg), best.value, run_id=best.user_attrs[RUN_ATTR]
+        best.user_attrs[MODEL_ATTR],
+        registry.student_model_name(cfg),
+        best.value,
+        run_id=best.user_attrs[RUN_ATTR],
+        description=f"Best trial ({best.number}) of the sweep {study.study_name!r}: {registry.METRIC} {best.value:.4f} with {best.params}.",
+        tags=tags,
     )
     return SweepResult(study.study_name, url, run_id, done, best.value, best.params, version, promoted)
