@@ -527,12 +527,20 @@ def read_experiment_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise KDError(f"experiment file {str(path)!r} does not exist; expected a YAML file such as experiments/smoke.yaml")
+    raw = path.read_bytes()
     try:
-        values = yaml.safe_load(path.read_text(encoding="utf-8"))
+        # Decoded whole, so the offset is the file's own (a streaming reader counts from its chunk).
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise KDError(f"experiment file {str(path)!r} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        line = raw[: exc.start].count(b"\n") + 1
+        raise KDError(f"experiment file {str(path)!r} is not UTF-8 text ({exc.reason} at byte {exc.start}, line {line})") from None
+    try:
+        values = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise KDError(f"experiment file {str(path)!r} is not valid YAML: {exc}") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise KDError(f"experiment file {str(path)!r} is not valid YAML{where}: {problem}") from None
     if values is None:
         return {}
     if not isinstance(values, dict):

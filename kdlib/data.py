@@ -167,8 +167,20 @@ def load_split(cfg: DataConfig, split: str, limit: int | None = None) -> TextSpl
 
 
 def load_splits(cfg: DataConfig) -> Splits:
-    """Read and validate the train and eval splits named by ``cfg``; raises KDError on bad data."""
-    return Splits(
+    """Read and validate the train and eval splits named by ``cfg``; raises KDError on bad data.
+
+    Each must hold at least two labels: a model trained or selected on one class learns nothing a
+    user wants, and its accuracy would still decide the champion.
+    """
+    splits = Splits(
         train=load_split(cfg, cfg.train_split, cfg.max_train_examples),
         eval=load_split(cfg, cfg.eval_split, cfg.max_eval_examples),
     )
+    for split in (splits.train, splits.eval):
+        present = sorted({int(label) for label in split.labels})
+        if len(present) < 2:
+            raise KDError(
+                f"data: split {split.name!r} of {cfg.source} holds only the label {cfg.label_names[present[0]]!r}; "
+                f"expected at least two of {list(cfg.label_names)} (data.label_names)"
+            )
+    return splits

@@ -261,8 +261,23 @@ def _summary(study: optuna.Study, url: str, champion: str) -> str:
     )
 
 
+def _output_dir(cfg: ExperimentConfig) -> Path:
+    """The report's folder, made and checked writable before any work: a KDError naming report.output_dir if not."""
+    out = Path(cfg.report.output_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out):
+            pass
+    except OSError as exc:
+        raise KDError(
+            f"report.output_dir = {str(out)!r} is not a writable folder ({exc.strerror}); expected a folder the report can be written to"
+        ) from None
+    return out
+
+
 def build_report(cfg: ExperimentConfig) -> Report:
     study, url = load_study(cfg)
+    out = _output_dir(cfg)
     sweep_run_id = study.user_attrs.get(ROOT_ATTR)
     if not sweep_run_id:
         raise KDError(f"report: study {study.study_name!r} has no sweep run recorded; run the sweep through `mlflow run . -e sweep`")
@@ -275,8 +290,6 @@ def build_report(cfg: ExperimentConfig) -> Report:
     champion = f"{version.name} version {version.version}" if version else "none registered"
     page = render_html(f"Sweep report: {cfg.name}", _summary(study, url, champion), figures, table)
 
-    out = Path(cfg.report.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     html_path, csv_path = out / f"{study.study_name}.html", out / f"{study.study_name}.csv"
     html_path.write_text(page, encoding="utf-8")
     trials_frame(study).to_csv(csv_path, index=False)

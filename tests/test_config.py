@@ -154,3 +154,14 @@ def test_null_words_clear_only_nullable_settings():
     cfg = build_config(None, parse_overrides(["search.pruner=none", "search.timeout=null", "data.max_train_examples=~"]))
     assert cfg.search.pruner == "none"  # a choice, not "unset"
     assert cfg.search.timeout is None and cfg.data.max_train_examples is None
+
+
+def test_file_errors_are_one_line_with_the_true_position(tmp_path):
+    late = tmp_path / "late.yaml"
+    late.write_bytes(b"# " + b"x" * 9000 + b"\nname: caf\xe9\n")  # the bad byte lies past the first 8 KiB chunk
+    with pytest.raises(KDError) as err:
+        build_config(late)
+    assert "at byte 9012, line 2" in str(err.value)
+    with pytest.raises(KDError) as err:
+        build_config(write(tmp_path, "name: smoke\ntrain:\n  epochs: [2\n"))
+    assert "\n" not in str(err.value) and "not valid YAML at line " in str(err.value)

@@ -161,3 +161,12 @@ def test_hub_name_offline_says_how_to_point_at_a_local_copy():
 
 def test_labels_are_int64_ids():
     assert load_splits(DataConfig(source="builtin:sentiment")).train.labels.dtype == np.int64
+
+
+def test_a_split_with_one_label_is_refused(tmp_path):
+    write_tsv(tmp_path / "d" / "train.tsv", [("good", 1), ("bad", 0)])
+    write_tsv(tmp_path / "d" / "dev.tsv", [("fine", 1), ("great", 1)])
+    with pytest.raises(
+        KDError, match=r"split 'validation' of .* holds only the label 'positive'; expected at least two of \['negative', 'positive'\]"
+    ):
+        load_splits(DataConfig(source=str(tmp_path / "d")))

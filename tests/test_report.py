@@ -22,7 +22,7 @@ CHROMIUM = next((shutil.which(name) for name in ("chromium", "chromium-browser",
 
 
 def study_of(store: Path) -> optuna.Study:
-    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(store / "optuna-journal.log")))
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(store / "mlflow.optuna-journal.log")))
     return optuna.load_study(study_name="smoke-sweep", storage=storage)
 
 
@@ -124,7 +124,7 @@ def test_pareto_front():
 def test_report_before_any_sweep_says_what_to_run(tmp_path):
     with pytest.raises(KDError, match="report: no sweep has run here: the study storage .*optuna-journal.log' does not exist"):
         build_report(swept_config())
-    assert not (tmp_path / "optuna-journal.log").exists() and not (tmp_path / "reports").exists()
+    assert not (tmp_path / "mlflow.optuna-journal.log").exists() and not (tmp_path / "reports").exists()
 
 
 def test_report_of_another_study_names_the_studies_there(in_swept):
@@ -137,3 +137,10 @@ def test_mlflow_run_report_as_documented(in_swept, tmp_path):
     done = mlflow_run(in_swept, "report", f"output_dir={tmp_path}", "data.max_eval_examples=200", "report.latency_calls=3")
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "smoke-sweep.html").is_file() and (tmp_path / "smoke-sweep.csv").is_file()
+
+
+def test_an_unwritable_output_dir_is_named_before_any_work(in_swept, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(KDError, match=r"report.output_dir = '.*a-file/out' is not a writable folder"):
+        build_report(swept_config(f"report.output_dir={blocker / 'out'}"))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import shutil
-from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -20,7 +19,7 @@ from kdlib.distill import run_distill
 from kdlib.errors import KDError
 from kdlib.teacher import run_teacher
 from search import space
-from search.study import make_storage
+from search.study import default_storage, make_storage
 from search.sweep import run_sweep
 from tests.conftest import SMOKE, in_store, mlflow_run
 
@@ -48,7 +47,7 @@ def with_teacher(teacher_store, tmp_path):
 
 
 def trials(study_name: str, storage: str | None = None):
-    store, _ = make_storage(storage or str(Path.cwd() / "optuna-journal.log"))
+    store, _ = make_storage(storage or default_storage())
     return optuna.load_study(study_name=study_name, storage=store).get_trials()
 
 

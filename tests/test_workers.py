@@ -49,7 +49,7 @@ def teacher(tmp_path):
 
 
 def test_worker_killed_mid_trial_then_same_command_again(teacher, tmp_path):
-    journal = tmp_path / "optuna-journal.log"
+    journal = tmp_path / "mlflow.optuna-journal.log"  # named after the store, sqlite:///<tmp_path>/mlflow.db
     command = [*WORKER, "n_trials=3", "search.space.distill.train.epochs.low=3", "pruner=none"]
     worker = subprocess.Popen(command, env=subprocess_env(tmp_path), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
