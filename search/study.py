@@ -137,16 +137,32 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _dead_here(worker: str) -> bool:
+    """Whether ``host:pid`` names a process of this host that no longer runs."""
+    host, _, pid = worker.rpartition(":")
+    return host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid))
+
+
+def register_worker(study: optuna.Study, run_id: str) -> None:
+    """Record this worker's MLflow run, so a worker on the same host can close it if this process dies."""
+    study.set_user_attr(f"{WORKER_ATTR}:{worker_id()}", run_id)
+
+
 def recover_dead_local_trials(study: optuna.Study) -> list[int]:
-    """Journal storages have no heartbeat: fail and retry RUNNING trials whose process on this host is gone."""
-    host = socket.gethostname()
+    """Fail and retry RUNNING trials whose process on this host is gone, and close dead workers' runs.
+
+    Called before every trial: a journal has no heartbeat, and on one host a dead process is seen at
+    once, where an RDB heartbeat would wait for its grace period (other hosts still rely on it).
+    """
     recovered = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        worker_host, _, pid = str(trial.user_attrs.get(WORKER_ATTR, "")).rpartition(":")
-        if worker_host == host and pid.isdigit() and not _pid_alive(int(pid)):
+        if _dead_here(str(trial.user_attrs.get(WORKER_ATTR, ""))):
             study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
             _retry(study, study._storage.get_trial(trial._trial_id))
             recovered.append(trial.number)
+    for key, run_id in study.user_attrs.items():
+        if key.startswith(f"{WORKER_ATTR}:") and _dead_here(key.partition(":")[2]):
+            tracking.fail_if_running(run_id, "worker stopped")  # a worker killed between trials
     return recovered
 
 

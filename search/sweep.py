@@ -22,7 +22,7 @@ from kdlib.student import prepare
 from kdlib.training import NonFiniteLoss, format_duration
 from search import space
 from search.objective import Objective, SurplusTrial
-from search.study import MODEL_ATTR, ROOT_ATTR, RUN_ATTR, check_store, finished, make_storage, recover_dead_local_trials, study_name
+from search.study import MODEL_ATTR, ROOT_ATTR, RUN_ATTR, check_store, finished, make_storage, recover_dead_local_trials, register_worker, study_name
 
 
 @dataclass(frozen=True)
@@ -105,11 +105,11 @@ def run_sweep(cfg: ExperimentConfig) -> SweepResult:
         check_store(study)
         # Reseed on resume: a resumed or second worker must not replay the first worker's draws.
         study.sampler = optuna.samplers.TPESampler(seed=cfg.search.seed + len(study.trials))
-        recover_dead_local_trials(study)
         objective = Objective(cfg, data, name)
         progress = _Progress(objective)
         with tracking.job_run(cfg.name, registry.Role.SWEEP, {"optuna.study": name, "optuna.storage": url}) as run:
             _attach_to_root(study, run.info.run_id)
+            register_worker(study, run.info.run_id)
             tracking.log_params(
                 {
                     "search.n_trials": cfg.search.n_trials,
@@ -122,6 +122,7 @@ def run_sweep(cfg: ExperimentConfig) -> SweepResult:
             )
             deadline = time.monotonic() + cfg.search.timeout if cfg.search.timeout else None
             while finished(study) < cfg.search.n_trials and not objective.surplus and (deadline is None or time.monotonic() < deadline):
+                recover_dead_local_trials(study)  # before the trial, so this worker takes the retried one
                 study.optimize(objective, n_trials=1, catch=(NonFiniteLoss, SurplusTrial), callbacks=[_log_best, progress])
             result = _promote_best(cfg, study, run.info.run_id, url)
     return result

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import re
+import shutil
+import socket
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 # Before anything imports huggingface_hub, which reads these once at import time.
@@ -73,6 +78,70 @@ def mlflow_run(tmp_path: Path, entry: str, *overrides: str, experiment_name: str
 def printed_run_id(done: subprocess.CompletedProcess) -> str:
     """The run id ``mlflow run`` printed at the end: ``=== Run (ID '<id>') succeeded ===``."""
     return re.search(r"=== Run \(ID '(\w+)'\) succeeded ===", done.stderr).group(1)
+
+
+def unavailable(why: str) -> None:
+    """Skip a test whose system package is missing; under CI (CI=true) fail it instead, so a CI run
+    without PostgreSQL or Chromium cannot pass by skipping what it was meant to check."""
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"{why}; CI must run this test")
+    pytest.skip(why)
+
+
+def wait_for(condition, timeout: float, what: str):
+    """Poll a condition of shared state (storage, process) until it holds; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.2)
+    pytest.fail(f"timed out after {timeout}s waiting for {what}")
+
+
+def _postgres_bin() -> Path | None:
+    found = shutil.which("initdb") or next(iter(sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))), None)
+    return Path(found).resolve().parent if found else None
+
+
+@pytest.fixture
+def postgres_url():
+    """A throwaway PostgreSQL on loopback, from Debian's packages (.ci/run installs them)."""
+    bindir = _postgres_bin()
+    if bindir is None:
+        unavailable("PostgreSQL is not installed (apt-get install postgresql; .ci/run does)")
+    # Not under tmp_path: pytest's temporary root is private to root, and the server runs as postgres.
+    folder = Path(tempfile.mkdtemp(prefix="kd-pg-"))
+    # initdb and postgres refuse to run as root: run them as the postgres user Debian's package creates.
+    as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    if as_user:
+        shutil.chown(folder, "postgres")
+    subprocess.run([*as_user, str(bindir / "initdb"), "-D", str(folder / "data"), "-A", "trust", "-U", "postgres"], check=True, capture_output=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [
+            *as_user,
+            str(bindir / "postgres"),
+            "-D",
+            str(folder / "data"),
+            "-p",
+            str(port),
+            "-c",
+            "listen_addresses=127.0.0.1",
+            "-c",
+            f"unix_socket_directories={folder}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    ready = ["pg_isready", "-h", "127.0.0.1", "-p", str(port)]
+    wait_for(lambda: subprocess.run(ready, capture_output=True).returncode == 0, 60, "PostgreSQL to accept connections")
+    yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/postgres"
+    server.terminate()
+    server.wait(timeout=60)
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 @contextlib.contextmanager

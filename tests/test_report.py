@@ -16,7 +16,7 @@ from optuna.trial import TrialState, create_trial
 
 from kdlib.errors import KDError
 from reports.report import ERROR_HOOK, ModelRow, build_report, epoch_curves, pareto
-from tests.conftest import in_store, mlflow_run, swept_config
+from tests.conftest import in_store, mlflow_run, swept_config, unavailable
 
 CHROMIUM = next((shutil.which(name) for name in ("chromium", "chromium-browser", "google-chrome") if shutil.which(name)), None)
 
@@ -35,6 +35,8 @@ def report(swept_store, tmp_path_factory):
 
 def render(page: Path) -> str:
     """The DOM after the page's scripts ran, from headless Chromium without network access."""
+    if CHROMIUM is None:
+        unavailable("Chromium is not installed (.ci/run installs Debian's chromium)")
     done = subprocess.run(
         [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=20000", "--dump-dom", page.resolve().as_uri()],
         capture_output=True,
@@ -83,7 +85,6 @@ def test_report_figures_table_and_csv_hold_the_trials(in_swept, report):
     assert logged == {"report/smoke-sweep.html", "report/smoke-sweep.csv"}
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (.ci/run installs Debian's chromium)")
 def test_report_renders_in_headless_chromium_without_script_errors(report):
     dom = render(report.html)
     assert re.search(r'<ul id="kd-errors" hidden="">\s*</ul>', dom), re.findall(r'<li class="kd-error">([^<]*)', dom)
@@ -92,7 +93,6 @@ def test_report_renders_in_headless_chromium_without_script_errors(report):
     assert dom.count('class="main-svg"') >= len(report.figures)
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (.ci/run installs Debian's chromium)")
 def test_a_script_error_shows_in_the_page(tmp_path):
     page = tmp_path / "broken.html"
     page.write_text(f"<html><head>{ERROR_HOOK}</head><body><ul id='kd-errors' hidden></ul><script>noSuchFunction()</script></body></html>")

@@ -186,3 +186,18 @@ def test_mlflow_run_main_runs_teacher_then_sweep(tmp_path):
     again = mlflow_run(tmp_path, "main", "n_trials=2", "data.max_eval_examples=200", "train.epochs=2", f"output_dir={out}")
     assert again.returncode == 0 and "teacher:" not in again.stdout
     assert len(client.search_model_versions("name = 'smoke-teacher'")) == 1
+
+
+def test_a_study_belongs_to_one_mlflow_store(tmp_path, monkeypatch):
+    from search.study import check_store, safe_url
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'a.db'}")
+    journal_a = default_storage()
+    study = optuna.create_study(study_name="s", storage=make_storage(journal_a)[0])
+    check_store(study)
+    check_store(study)  # a resume against the same store
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'b.db'}")
+    assert default_storage() != journal_a  # two stores in one folder get two journals
+    with pytest.raises(KDError, match=r"study 's' belongs to the MLflow store sqlite:///.*a.db, not sqlite:///.*b.db"):
+        check_store(optuna.load_study(study_name="s", storage=make_storage(journal_a)[0]))
+    assert safe_url("postgresql+psycopg2://kd:s3cret@db:5432/optuna") == "postgresql+psycopg2://kd:***@db:5432/optuna"

@@ -2,16 +2,9 @@
 
 from __future__ import annotations
 
-import glob
-import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
-import time
-from pathlib import Path
 
 import optuna
 import pytest
@@ -21,21 +14,10 @@ from optuna.trial import TrialState
 
 from kdlib.teacher import run_teacher
 from search.study import make_storage
-from tests.conftest import SMOKE, subprocess_env
+from tests.conftest import SMOKE, subprocess_env, wait_for
 from tests.test_sweep import config
 
 WORKER = [sys.executable, "-m", "kdlib", "sweep", "--experiment", str(SMOKE), "data.max_eval_examples=200", "report.latency_calls=0"]
-
-
-def wait_for(condition, timeout: float, what: str):
-    """Poll a condition of shared state (storage, process) until it holds; fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.2)
-    pytest.fail(f"timed out after {timeout}s waiting for {what}")
 
 
 def all_runs():
@@ -80,51 +62,6 @@ def test_worker_killed_mid_trial_then_same_command_again(teacher, tmp_path):
     # Every finished trial ran once: one MLflow run per trial number.
     numbers = [r.data.tags["optuna.trial"] for r in all_runs() if r.data.tags.get("kd.role") == "student-trial"]
     assert sorted(numbers) == sorted({*numbers})
-
-
-def _postgres_bin() -> Path | None:
-    found = shutil.which("initdb") or next(iter(sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))), None)
-    return Path(found).resolve().parent if found else None
-
-
-@pytest.fixture
-def postgres_url():
-    """A throwaway PostgreSQL on loopback, from Debian's packages (.ci/run installs them)."""
-    bindir = _postgres_bin()
-    if bindir is None:
-        pytest.skip("PostgreSQL is not installed (apt-get install postgresql; .ci/run does)")
-    # Not under tmp_path: pytest's temporary root is private to root, and the server runs as postgres.
-    folder = Path(tempfile.mkdtemp(prefix="kd-pg-"))
-    # initdb and postgres refuse to run as root: run them as the postgres user Debian's package creates.
-    as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-    if as_user:
-        shutil.chown(folder, "postgres")
-    subprocess.run([*as_user, str(bindir / "initdb"), "-D", str(folder / "data"), "-A", "trust", "-U", "postgres"], check=True, capture_output=True)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen(
-        [
-            *as_user,
-            str(bindir / "postgres"),
-            "-D",
-            str(folder / "data"),
-            "-p",
-            str(port),
-            "-c",
-            "listen_addresses=127.0.0.1",
-            "-c",
-            f"unix_socket_directories={folder}",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    ready = ["pg_isready", "-h", "127.0.0.1", "-p", str(port)]
-    wait_for(lambda: subprocess.run(ready, capture_output=True).returncode == 0, 60, "PostgreSQL to accept connections")
-    yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/postgres"
-    server.terminate()
-    server.wait(timeout=60)
-    shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_two_workers_share_one_study_in_postgresql(teacher, tmp_path, postgres_url):
