@@ -100,16 +100,24 @@ def all_runs():
     return client.search_runs([e.experiment_id for e in client.search_experiments()])
 
 
+def trials_of(optuna_url: str, study_name: str) -> list:
+    """The study's trials; none while no worker has created the study yet."""
+    try:
+        return optuna.load_study(study_name=study_name, storage=optuna_url).get_trials()
+    except KeyError:
+        return []
+
+
 def kill_mid_trial(victim: subprocess.Popen, optuna_url: str, study_name: str, rng: random.Random) -> int:
     """SIGKILL ``victim`` at a random point of a trial it runs; returns that trial's number."""
     me = f"{socket.gethostname()}:{victim.pid}"
 
     def its_running_trial():
-        try:
-            study = optuna.load_study(study_name=study_name, storage=optuna_url)
-        except KeyError:
-            return None
-        mine = [t for t in study.get_trials(states=(TrialState.RUNNING,)) if t.user_attrs.get(WORKER_ATTR) == me and RUN_ATTR in t.user_attrs]
+        mine = [
+            t
+            for t in trials_of(optuna_url, study_name)
+            if t.state == TrialState.RUNNING and t.user_attrs.get(WORKER_ATTR) == me and RUN_ATTR in t.user_attrs
+        ]
         return mine[0] if mine else None
 
     trial = wait_for(its_running_trial, 300, "the chosen worker to run a trial")
@@ -190,7 +198,7 @@ def test_the_tracking_server_restarted_mid_sweep(servers, tmp_path):
     finish(job(tmp_path, server, "teacher", *FAST))
     command = ["sweep", *SWEEP, "n_trials=6", f"storage={optuna_url}", f"output_dir={tmp_path / 'report'}"]
     workers = [job(tmp_path, server, *command, f"seed={i}") for i in range(2)]
-    wait_for(lambda: len(optuna.load_study(study_name="smoke-sweep", storage=optuna_url).trials) >= 2, 300, "two trials to start")
+    wait_for(lambda: len(trials_of(optuna_url, "smoke-sweep")) >= 2, 300, "two trials to start")
     server.stop()
     server.start()  # the same port and database: what a restarted service looks like to its clients
     for worker in workers:
