@@ -84,6 +84,7 @@ def run_evaluate(cfg: ExperimentConfig) -> Evaluation:
     with tracking.job_run(cfg.name, registry.Role.EVALUATE, tags) as run:
         tracking.log_params({"data.source": cfg.data.source, "split": split_name, "n_examples": len(split), **_settings(ev, uri)})
         tracking.log_metrics(metrics)
+        tracking.log_dataset(cfg.data.source, split.name, split.fingerprint, "evaluation")
     return Evaluation(run.info.run_id, uri, name, split_name, len(split), score, agrees, parameters, size_mb, latency)
 
 

@@ -122,6 +122,8 @@ def log_student_run(cfg: ExperimentConfig, data: StudentData, on_epoch_end=track
             "train_tokens": int(data.train.lengths.sum()),
         },
     )
+    tracking.log_splits(cfg.data.source, data.splits)
     student, result = train_student(cfg, data, on_epoch_end, label)
     model_uri = tracking.log_classifier(student, cfg.data.max_length)
+    tracking.link_metrics(model_uri, len(result.history), result.history[-1])
     return StudentResult(tracking.active_run_id(), result.history[-1][registry.METRIC], model_uri)

@@ -46,6 +46,7 @@ def run_teacher(cfg: ExperimentConfig) -> TeacherResult:
                 "parameters": count_parameters(classifier.model),
             },
         )
+        tracking.log_splits(cfg.data.source, splits)
         result = fit(
             classifier.model,
             batching.train_loader(train, pad, cfg.train.batch_size, cfg.train.seed),
@@ -62,6 +63,7 @@ def run_teacher(cfg: ExperimentConfig) -> TeacherResult:
         train_logits = predict_logits(classifier.model, batching.eval_loader(train, pad, cfg.train.eval_batch_size), accelerator)
         dev_logits = predict_logits(classifier.model, batching.eval_loader(dev, pad, cfg.train.eval_batch_size), accelerator)
         model_uri = tracking.log_classifier(classifier, cfg.data.max_length)
+        tracking.link_metrics(model_uri, len(result.history), result.history[-1])
         description = (
             f"Teacher {cfg.teacher.name_or_path} fine-tuned on {cfg.data.source} ({len(train)} sentences): {registry.METRIC} {dev_accuracy:.4f}."
         )

@@ -23,10 +23,13 @@ from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, Schema
 
 from kdlib.config import flatten
+from kdlib.data import Splits
 from kdlib.models import Classifier
 from kdlib.serving import HF_MODEL, label_names
 
 SERVING_CODE = Path(__file__).with_name("serving.py")
+# Stored with every model (MLflow checks the model answers it when logging): what a caller sends.
+INPUT_EXAMPLE = ["a gorgeous, witty film", "a tedious mess"]
 # A run started by `mlflow run` hands its id to the command through this variable.
 LAUNCHER_RUN = "MLFLOW_RUN_ID"
 # Every run names its experiment here, wherever `mlflow run` filed it.
@@ -93,6 +96,44 @@ def child_run(run_name: str, role: str, tags: dict[str, str], finished_on: tuple
 
 def active_run_id() -> str:
     return mlflow.active_run().info.run_id
+
+
+def _dataset_source(source: str, split: str):
+    """MLflow's description of where a split came from: a local folder, a hub dataset, or generated data."""
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource
+
+    if Path(source).expanduser().exists():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # two local resolvers claim a path; either describes it
+            return resolve_dataset_source(str(Path(source).expanduser().resolve()))
+    if ":" in source:  # builtin:sentiment and other generated data
+        return CodeDatasetSource({"kd.source": source, "kd.split": split})
+    return HuggingFaceDatasetSource(path=source, split=split)
+
+
+def log_dataset(source: str, split: str, digest: str, context: str) -> None:
+    """Log a data split as an input of the active run, under its content fingerprint (``digest``)."""
+    from mlflow.data.meta_dataset import MetaDataset
+
+    mlflow.log_input(MetaDataset(_dataset_source(source, split), name=f"{source}:{split}", digest=digest), context=context)
+
+
+def log_splits(source: str, splits: Splits) -> None:
+    """The training and evaluation splits a run trained and was scored on, as its dataset inputs."""
+    log_dataset(source, splits.train.name, splits.train.fingerprint, "training")
+    log_dataset(source, splits.eval.name, splits.eval.fingerprint, "evaluation")
+
+
+def link_metrics(model_uri: str, epoch: int, metrics: dict[str, float]) -> None:
+    """Link the final epoch's dev metrics to the logged model at ``model_uri`` (models:/m-...).
+
+    Logged again at that epoch's step (the model exists only after training), so the run's history
+    holds the same value twice at its last step, once linked to the model.
+    """
+    final = {key: value for key, value in metrics.items() if key.startswith("dev_")}
+    mlflow.log_metrics(final, step=epoch, model_id=model_uri[len("models:/") :] if model_uri.startswith("models:/m-") else None)
 
 
 def log_params(params: dict[str, Any]) -> None:
@@ -189,14 +230,15 @@ def log_text_classifier(folder: Path, kind: str, names: list[str], max_length: i
         outputs=Schema([ColSpec("string", "label"), ColSpec("double", "score")] + [ColSpec("double", f"prob_{n}") for n in names]),
     )
     with warnings.catch_warnings():
-        # The signature above is explicit; MLflow's advice to add an input example does not apply.
-        warnings.filterwarnings("ignore", message=".*(Add type hints|An input example was not provided)")
+        # The signature above is explicit; MLflow's advice to add type hints does not apply.
+        warnings.filterwarnings("ignore", message=".*Add type hints")
         info = mlflow.pyfunc.log_model(
             name=name,
             python_model=str(SERVING_CODE),
             artifacts={kind: str(folder)},
             model_config={"max_length": max_length},
             signature=signature,
+            input_example=INPUT_EXAMPLE,
             pip_requirements=_requirements(("torch",) if kind == HF_MODEL else ("onnxruntime",)),
         )
     return info.model_uri

@@ -50,7 +50,14 @@ def test_mlflow_run_teacher_registers_caches_logits_and_predicts(tmp_path):
     assert run.info.status == "FINISHED"
     assert run.data.params["train.epochs"] == "2"  # the -P override reached the job
     history = client.get_metric_history(run.info.run_id, "dev_accuracy")
-    assert [m.step for m in history] == [1, 2]
+    assert sorted({m.step for m in history}) == [1, 2]
+    # MLflow 3: the final metrics are linked to the logged model, the data splits are the run's inputs.
+    model_id = version.source.removeprefix("models:/")
+    assert mlflow.get_logged_model(model_id).metrics and {m.key for m in mlflow.get_logged_model(model_id).metrics} >= {"dev_accuracy", "dev_loss"}
+    assert {(i.dataset.name, i.tags[0].value) for i in run.inputs.dataset_inputs} == {
+        ("builtin:sentiment:train", "training"),
+        ("builtin:sentiment:validation", "evaluation"),
+    }
     assert {"train_loss", "dev_loss", "train_examples_per_s"} <= set(run.data.metrics)
     assert run.data.tags["champion.promoted"] == "true"
 
