@@ -107,8 +107,11 @@ class StudentResult:
     model_uri: str
 
 
-def log_student_run(cfg: ExperimentConfig, data: StudentData, on_epoch_end=tracking.log_epoch, label: str = "student: ") -> StudentResult:
-    """Inside an open MLflow run: log the student's settings, train it, log per-epoch metrics and the model."""
+def log_student_run(cfg: ExperimentConfig, data: StudentData, on_epoch_end: EpochCallback | None = None, label: str = "student: ") -> StudentResult:
+    """Inside an open MLflow run: log the student's settings, train it, log per-epoch metrics and the model.
+
+    ``on_epoch_end`` runs after each epoch's metrics are logged (a sweep trial reports and prunes there).
+    """
     tracking.log_config(
         cfg,
         ("data", "student", "distill"),  # the teacher's settings are its own run's
@@ -123,7 +126,13 @@ def log_student_run(cfg: ExperimentConfig, data: StudentData, on_epoch_end=track
         },
     )
     tracking.log_splits(cfg.data.source, data.splits)
-    student, result = train_student(cfg, data, on_epoch_end, label)
-    model_uri = tracking.log_classifier(student, cfg.data.max_length)
-    tracking.link_metrics(model_uri, len(result.history), result.history[-1])
+    with tracking.pending_model() as model_id:
+
+        def logged(epoch: int, metrics: dict[str, float]) -> None:
+            tracking.log_epoch(epoch, metrics, model_id)
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, metrics)
+
+        student, result = train_student(cfg, data, logged, label)
+        model_uri = tracking.log_classifier(student, cfg.data.max_length, model_id=model_id)
     return StudentResult(tracking.active_run_id(), result.history[-1][registry.METRIC], model_uri)

@@ -47,23 +47,23 @@ def run_teacher(cfg: ExperimentConfig) -> TeacherResult:
             },
         )
         tracking.log_splits(cfg.data.source, splits)
-        result = fit(
-            classifier.model,
-            batching.train_loader(train, pad, cfg.train.batch_size, cfg.train.seed),
-            batching.eval_loader(dev, pad, cfg.train.eval_batch_size),
-            lambda logits: classification_metrics(logits, dev.labels),
-            cfg.train,
-            on_epoch_end=tracking.log_epoch,
-            label="teacher: ",
-        )
-        classifier.model = result.model
-        dev_accuracy = result.history[-1][registry.METRIC]
-        # Eval mode (no dropout): these are the soft targets every student trial will read.
-        accelerator = make_accelerator(cfg.train.mixed_precision)
-        train_logits = predict_logits(classifier.model, batching.eval_loader(train, pad, cfg.train.eval_batch_size), accelerator)
-        dev_logits = predict_logits(classifier.model, batching.eval_loader(dev, pad, cfg.train.eval_batch_size), accelerator)
-        model_uri = tracking.log_classifier(classifier, cfg.data.max_length)
-        tracking.link_metrics(model_uri, len(result.history), result.history[-1])
+        with tracking.pending_model() as model_id:
+            result = fit(
+                classifier.model,
+                batching.train_loader(train, pad, cfg.train.batch_size, cfg.train.seed),
+                batching.eval_loader(dev, pad, cfg.train.eval_batch_size),
+                lambda logits: classification_metrics(logits, dev.labels),
+                cfg.train,
+                on_epoch_end=lambda epoch, metrics: tracking.log_epoch(epoch, metrics, model_id),
+                label="teacher: ",
+            )
+            classifier.model = result.model
+            dev_accuracy = result.history[-1][registry.METRIC]
+            # Eval mode (no dropout): these are the soft targets every student trial will read.
+            accelerator = make_accelerator(cfg.train.mixed_precision)
+            train_logits = predict_logits(classifier.model, batching.eval_loader(train, pad, cfg.train.eval_batch_size), accelerator)
+            dev_logits = predict_logits(classifier.model, batching.eval_loader(dev, pad, cfg.train.eval_batch_size), accelerator)
+            model_uri = tracking.log_classifier(classifier, cfg.data.max_length, model_id=model_id)
         description = (
             f"Teacher {cfg.teacher.name_or_path} fine-tuned on {cfg.data.source} ({len(train)} sentences): {registry.METRIC} {dev_accuracy:.4f}."
         )

@@ -126,14 +126,17 @@ def log_splits(source: str, splits: Splits) -> None:
     log_dataset(source, splits.eval.name, splits.eval.fingerprint, "evaluation")
 
 
-def link_metrics(model_uri: str, epoch: int, metrics: dict[str, float]) -> None:
-    """Link the final epoch's dev metrics to the logged model at ``model_uri`` (models:/m-...).
-
-    Logged again at that epoch's step (the model exists only after training), so the run's history
-    holds the same value twice at its last step, once linked to the model.
-    """
-    final = {key: value for key, value in metrics.items() if key.startswith("dev_")}
-    mlflow.log_metrics(final, step=epoch, model_id=model_uri[len("models:/") :] if model_uri.startswith("models:/m-") else None)
+@contextlib.contextmanager
+def pending_model(name: str = MODEL) -> Iterator[str]:
+    """An MLflow 3 logged model made before training, so every epoch's metrics link to it (``log_epoch``);
+    ``log_classifier`` with its id fills it. Deleted if the block raises (a failed or pruned run has no model)."""
+    run = mlflow.active_run()
+    model = mlflow.initialize_logged_model(name, source_run_id=run.info.run_id, experiment_id=run.info.experiment_id)
+    try:
+        yield model.model_id
+    except BaseException:
+        MlflowClient().delete_logged_model(model.model_id)
+        raise
 
 
 def log_params(params: dict[str, Any]) -> None:
@@ -152,8 +155,9 @@ def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
     mlflow.log_metrics(metrics, step=step)
 
 
-def log_epoch(epoch: int, metrics: dict[str, float]) -> None:
-    mlflow.log_metrics(metrics, step=epoch)
+def log_epoch(epoch: int, metrics: dict[str, float], model_id: str | None = None) -> None:
+    """One epoch's metrics on the active run, linked to the model being trained when ``model_id`` is given."""
+    mlflow.log_metrics(metrics, step=epoch, model_id=model_id)
 
 
 def set_tags(tags: dict[str, str]) -> None:
@@ -222,7 +226,7 @@ def _requirements(packages: tuple[str, ...]) -> list[str]:
     return [f"{pkg}=={metadata.version(pkg).split('+')[0]}" for pkg in ("mlflow", *packages, "transformers", "pandas")]
 
 
-def log_text_classifier(folder: Path, kind: str, names: list[str], max_length: int, name: str) -> str:
+def log_text_classifier(folder: Path, kind: str, names: list[str], max_length: int, name: str, model_id: str | None = None) -> str:
     """Log ``folder`` (a Hugging Face folder for ``hf_model``, model.onnx + tokenizer for ``onnx_model``)
     as a pyfunc model that answers raw strings with labels and probabilities; returns its model URI."""
     signature = ModelSignature(
@@ -239,15 +243,16 @@ def log_text_classifier(folder: Path, kind: str, names: list[str], max_length: i
             model_config={"max_length": max_length},
             signature=signature,
             input_example=INPUT_EXAMPLE,
+            model_id=model_id,
             pip_requirements=_requirements(("torch",) if kind == HF_MODEL else ("onnxruntime",)),
         )
     return info.model_uri
 
 
-def log_classifier(classifier: Classifier, max_length: int, name: str = MODEL) -> str:
+def log_classifier(classifier: Classifier, max_length: int, name: str = MODEL, model_id: str | None = None) -> str:
     """Log a PyTorch classifier for raw strings; returns its model URI."""
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / HF_MODEL  # the folder's name is kept inside the logged model
         classifier.model.save_pretrained(folder)
         classifier.tokenizer.save_pretrained(folder)
-        return log_text_classifier(folder, HF_MODEL, label_names(classifier.model.config.to_dict()), max_length, name)
+        return log_text_classifier(folder, HF_MODEL, label_names(classifier.model.config.to_dict()), max_length, name, model_id)

@@ -53,8 +53,7 @@ class Objective:
         trial.set_user_attr(WORKER_RUN_ATTR, tracking.active_run_id())
         trial.set_user_attr(WORKER_ATTR, worker_id())
 
-        def on_epoch_end(epoch: int, metrics: dict[str, float]) -> None:
-            tracking.log_epoch(epoch, metrics)
+        def on_epoch_end(epoch: int, metrics: dict[str, float]) -> None:  # after the epoch's metrics are logged
             trial.report(metrics[registry.METRIC], epoch)
             if trial.should_prune():
                 tracking.set_tags({"optuna.pruned": "true"})  # it ends FINISHED; the tag tells it apart

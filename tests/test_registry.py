@@ -13,6 +13,7 @@ from kdlib.errors import KDError
 
 def logged_model() -> tuple[str, str]:
     """(model URI, run id) of a fresh MLflow 3 logged model, the kind every job registers."""
+    mlflow.set_experiment("registry")  # this test's store, whatever an earlier test made active
     with mlflow.start_run() as run:
         model = mlflow.initialize_logged_model("model")
     return f"models:/{model.model_id}", run.info.run_id

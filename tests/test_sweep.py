@@ -98,12 +98,17 @@ def test_sweep_tracks_every_trial_prunes_and_registers_the_best(with_teacher):
         assert run.info.status == "FINISHED"
         assert float(run.data.params["distill.alpha"]) == pytest.approx(trial.params["distill.alpha"])
         epochs = len(client.get_metric_history(run.info.run_id, "dev_accuracy"))
+        models = mlflow.search_logged_models(
+            experiment_ids=[run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'", output_format="list"
+        )
         if trial.state == TrialState.PRUNED:
             assert run.data.tags["optuna.pruned"] == "true"
             assert epochs < trial.params["distill.train.epochs"]
+            assert models == []  # a pruned trial leaves no half-made model
         else:
             assert epochs == trial.params["distill.train.epochs"]
-            assert client.get_run(run.info.run_id).outputs.model_outputs  # its model was logged
+            (model,) = models  # its model, with every epoch's metrics linked to it
+            assert model.status.name == "READY" and sorted(m.step for m in model.metrics if m.key == "dev_accuracy") == list(range(1, epochs + 1))
 
     best = max((t for t in trials("smoke-sweep") if t.state == TrialState.COMPLETE), key=lambda t: t.value)
     assert result.best_value == best.value
