@@ -199,11 +199,14 @@ def test_the_tracking_server_restarted_mid_sweep(servers, tmp_path):
     command = ["sweep", *SWEEP, "n_trials=6", f"storage={optuna_url}", f"output_dir={tmp_path / 'report'}"]
     workers = [job(tmp_path, server, *command, f"seed={i}") for i in range(2)]
     wait_for(lambda: len(trials_of(optuna_url, "smoke-sweep")) >= 2, 300, "two trials to start")
+    down = time.perf_counter()
     server.stop()
     server.start()  # the same port and database: what a restarted service looks like to its clients
+    down = time.perf_counter() - down
     for worker in workers:
         finish(worker)
     check_sweep(optuna_url, "smoke-sweep", 6)
+    print(f"tracking server down {down:.1f} s mid-sweep; 2 workers finished 6 trials")
 
 
 @pytest.mark.heavy
@@ -214,3 +217,20 @@ def test_many_random_kill_points(servers, tmp_path, seed):
     finish(job(tmp_path, server, "teacher", *FAST))
     figures = four_workers_one_killed(tmp_path, server, optuna_url, "smoke-sweep", seed)
     print(f"seed {seed}: killed trial {figures['killed_trial']}, 4 workers, 8 trials, {figures['wall_s']:.0f} s")
+
+
+@pytest.mark.heavy
+def test_four_workers_against_one(servers, tmp_path):
+    """On demand (pytest -m heavy -s): wall time of one 8-trial smoke sweep by 1 worker and by 4, same server."""
+    server, optuna_url = servers
+    finish(job(tmp_path, server, "teacher", *FAST))
+    wall = {}
+    for n_workers in (1, 4):
+        name = f"smoke-{n_workers}-workers"
+        command = ["sweep", *SWEEP, "n_trials=8", f"storage={optuna_url}", f"study_name={name}", f"output_dir={tmp_path / 'report'}"]
+        started = time.perf_counter()
+        for worker in [job(tmp_path, server, *command, f"seed={i}") for i in range(n_workers)]:
+            finish(worker)
+        wall[n_workers] = time.perf_counter() - started
+        check_sweep(optuna_url, name, 8)
+    print(f"8 trials: 1 worker {wall[1]:.0f} s, 4 workers {wall[4]:.0f} s ({wall[1] / wall[4]:.2f}x)")
