@@ -26,7 +26,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from kdlib.errors import KDError
 
-MIXED_PRECISION = ("bf16", "fp16", "no")
+MIXED_PRECISION = ("auto", "bf16", "fp16", "no")
 PRUNERS = ("median", "hyperband", "none")
 PRECISIONS = ("fp32", "bf16")
 
@@ -119,7 +119,7 @@ class TrainConfig:
     warmup_ratio: share of the steps spent warming the learning rate up
     max_grad_norm: gradients are clipped to this norm
     grad_accum_steps: steps whose gradients add up before one update
-    mixed_precision: bf16, fp16 (CUDA only) or no
+    mixed_precision: auto (bf16 where the hardware runs it natively, fp16 on a CUDA GPU without bf16, else fp32), bf16, fp16 (CUDA only) or no
     seed: seed of the shuffling and of the fresh classifier head
     log_every: steps between host reads of the running loss (the loop syncs with the device only then)
     """
@@ -132,7 +132,7 @@ class TrainConfig:
     warmup_ratio: float = 0.1
     max_grad_norm: float = 1.0
     grad_accum_steps: int = 1
-    mixed_precision: str = "bf16"
+    mixed_precision: str = "auto"
     seed: int = 42
     log_every: int = 50
 

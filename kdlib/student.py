@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from kdlib import batching, logits_cache, registry, tracking
+from kdlib import batching, logits_cache, precision, registry, tracking
 from kdlib.config import ExperimentConfig, ModelConfig
 from kdlib.data import Splits, load_splits
 from kdlib.errors import KDError
@@ -38,6 +38,8 @@ class StudentData:
 
 def prepare(cfg: ExperimentConfig, workdir: str) -> StudentData:
     """Load data, the champion teacher's logits and the initial student; refuse mismatched logits."""
+    chosen = precision.resolve(cfg.distill.train.mixed_precision)
+    print(f"students: training in {chosen.mixed_precision} ({chosen.reason})", flush=True)
     splits = load_splits(cfg.data)
     name = registry.teacher_model_name(cfg)
     hint = f"run the teacher entry point first: mlflow run . -e teacher --env-manager local -P experiment=<this experiment file> (experiment name {cfg.name!r})"
@@ -123,6 +125,7 @@ def log_student_run(cfg: ExperimentConfig, data: StudentData, on_epoch_end: Epoc
             "parameters": count_parameters(data.template.model),
             "non_embedding_parameters": count_parameters(data.template.model, embeddings=False),
             "train_tokens": int(data.train.lengths.sum()),
+            "distill.train.precision": precision.resolve(cfg.distill.train.mixed_precision).mixed_precision,
         },
     )
     tracking.log_splits(cfg.data.source, data.splits)

@@ -6,7 +6,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from kdlib import batching, logits_cache, registry, tracking
+from kdlib import batching, logits_cache, precision, registry, tracking
 from kdlib.config import ExperimentConfig
 from kdlib.data import load_splits
 from kdlib.metrics import classification_metrics
@@ -26,7 +26,8 @@ class TeacherResult:
 
 def run_teacher(cfg: ExperimentConfig) -> TeacherResult:
     # Everything that can reject the input happens before the MLflow run opens.
-    make_accelerator(cfg.train.mixed_precision)
+    chosen = precision.resolve(cfg.train.mixed_precision)
+    print(f"teacher: training in {chosen.mixed_precision} ({chosen.reason})", flush=True)
     splits = load_splits(cfg.data)
     classifier = load_classifier("teacher", cfg.teacher, cfg.data.label_names, splits.train.texts, cfg.data.max_length, cfg.train.seed)
     train = batching.encode(splits.train, classifier.tokenizer, cfg.data.max_length, cfg.cache_dir)
@@ -44,6 +45,8 @@ def run_teacher(cfg: ExperimentConfig) -> TeacherResult:
                 "train_fingerprint": splits.train.fingerprint,
                 "dev_fingerprint": splits.eval.fingerprint,
                 "parameters": count_parameters(classifier.model),
+                "train.precision": chosen.mixed_precision,
+                "train.precision_reason": chosen.reason,
             },
         )
         tracking.log_splits(cfg.data.source, splits)

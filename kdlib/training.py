@@ -24,6 +24,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, get_linear_schedule_with_warmup
 
+from kdlib import precision
 from kdlib.config import TrainConfig
 from kdlib.errors import KDError
 
@@ -50,8 +51,8 @@ class FitResult:
 
 
 def make_accelerator(mixed_precision: str, grad_accum_steps: int = 1) -> Accelerator:
-    if mixed_precision == "fp16" and not torch.cuda.is_available():
-        raise KDError("config: train.mixed_precision = 'fp16' needs a CUDA GPU; expected 'bf16' or 'no' on this machine")
+    """An Accelerator in the precision ``mixed_precision`` resolves to on this machine (``kdlib/precision.py``)."""
+    mixed_precision = precision.resolve(mixed_precision).mixed_precision
     # accelerate keeps one process-wide state; a new job in the same process (tests, sweeps) may
     # ask for another precision, which that state would otherwise refuse.
     AcceleratorState._reset_state(reset_partial_state=False)

@@ -10,26 +10,14 @@ from __future__ import annotations
 
 import json
 import resource
-import time
 from pathlib import Path
 
 import torch
 
-from kdlib import registry, tracking
+from kdlib import precision, registry, tracking
 from kdlib.config import ExperimentConfig
 
 OUT = Path("outputs") / "bench"
-
-
-def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 8) -> float:
-    """Achieved FLOP/s of an n x n matrix product in ``dtype``: the practical ceiling for training."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    for _ in range(2):
-        a @ b
-    started = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    return 2 * n**3 * reps / (time.perf_counter() - started)
 
 
 def trial_throughput(sweep_run_id: str) -> tuple[float, float, int]:
@@ -58,7 +46,7 @@ def summarize(cfg: ExperimentConfig, peaks: dict[str, float], wall_s: dict[str, 
         "n_trials": sweep.finished,
         "epoch_range": [epochs_range.low, epochs_range.high] if epochs_range else None,
         "threads": torch.get_num_threads(),
-        "mixed_precision": cfg.distill.train.mixed_precision,
+        "mixed_precision": precision.resolve(cfg.distill.train.mixed_precision).mixed_precision,
         "wall_s": wall_s,
         "trials_per_hour": sweep.finished / (wall_s["sweep"] / 3600),
         "student_train_examples_per_s": examples / seconds if seconds else 0.0,
