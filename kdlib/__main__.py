@@ -17,7 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from kdlib import registry
-from kdlib.config import ExperimentConfig, build_config, parse_overrides, replace, settings, shown, to_yaml
+from kdlib.config import ExperimentConfig
+from kdlib.configure import build_config, parse_overrides, replace, settings, shown, to_yaml
 from kdlib.errors import KDError
 
 DEFAULT_EXPERIMENT = "experiments/sst2-bert.yaml"

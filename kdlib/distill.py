@@ -5,7 +5,8 @@ from __future__ import annotations
 import tempfile
 
 from kdlib import registry, tracking
-from kdlib.config import ExperimentConfig, flatten
+from kdlib.config import ExperimentConfig
+from kdlib.configure import flatten
 from kdlib.student import StudentResult, log_student_run, prepare
 
 

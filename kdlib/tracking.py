@@ -22,7 +22,7 @@ from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, Schema
 
-from kdlib.config import flatten
+from kdlib.configure import flatten
 from kdlib.data import Splits
 from kdlib.models import Classifier
 from kdlib.serving import HF_MODEL, label_names

@@ -6,7 +6,8 @@ import optuna
 from optuna.trial import TrialState
 
 from kdlib import registry, tracking
-from kdlib.config import ExperimentConfig, replace
+from kdlib.config import ExperimentConfig
+from kdlib.configure import replace
 from kdlib.student import StudentData, log_student_run
 from search.space import suggest
 from search.study import MODEL_ATTR, RUN_ATTR, WORKER_ATTR, WORKER_RUN_ATTR, worker_id

@@ -6,7 +6,8 @@ from typing import Any
 
 import optuna
 
-from kdlib.config import ExperimentConfig, field_type, replace
+from kdlib.config import ExperimentConfig
+from kdlib.configure import field_type, replace
 from kdlib.errors import KDError
 
 

@@ -185,6 +185,6 @@ def in_swept(swept_store, monkeypatch):
 
 
 def swept_config(*overrides: str):
-    from kdlib.config import build_config, parse_overrides
+    from kdlib.configure import build_config, parse_overrides
 
     return build_config(SMOKE, parse_overrides([*SWEPT, *overrides]))

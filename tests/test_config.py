@@ -3,18 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from kdlib.config import (
-    DistillConfig,
-    ExperimentConfig,
-    SearchConfig,
-    SearchParam,
-    TrainConfig,
-    build_config,
-    flatten,
-    parse_overrides,
-    settings,
-    settings_table,
-)
+from kdlib.config import DistillConfig, ExperimentConfig, SearchConfig, SearchParam, TrainConfig
+from kdlib.configure import build_config, flatten, parse_overrides, settings, settings_table
 from kdlib.errors import KDError
 from tests.conftest import ROOT
 

@@ -6,7 +6,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from kdlib import __main__ as entry
-from kdlib.config import build_config, settings
+from kdlib.configure import build_config, settings
 from tests.conftest import ROOT, SMOKE, mlflow_run, printed_run_id
 
 

@@ -14,7 +14,7 @@ from optuna.trial import TrialState
 
 from kdlib import student as student_module
 from kdlib.__main__ import JOBS, short_names
-from kdlib.config import build_config, parse_overrides
+from kdlib.configure import build_config, parse_overrides
 from kdlib.distill import run_distill
 from kdlib.errors import KDError
 from kdlib.teacher import run_teacher

@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 from kdlib import teacher as teacher_job
 from kdlib import tracking
 from kdlib.__main__ import main
-from kdlib.config import build_config, parse_overrides
+from kdlib.configure import build_config, parse_overrides
 from kdlib.data import load_splits
 from tests.conftest import SMOKE, mlflow_run, printed_run_id, write_tsv
 
