@@ -29,6 +29,10 @@ EVALUATE_KEYS = tuple(f"evaluate.{name}" for name in ("model_uri", "split", "tea
 NEXT_STEP = "see it with: mlflow ui   (then open http://127.0.0.1:5000)"
 
 
+# Each job imports its modules when it runs, so --help and --print-config answer at once, without
+# loading torch, transformers or mlflow.
+
+
 def _status(promoted: bool) -> str:
     return "now the champion" if promoted else "champion unchanged (the current champion is at least as accurate)"
 
