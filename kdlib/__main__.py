@@ -16,7 +16,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from kdlib import registry
 from kdlib.config import ExperimentConfig
 from kdlib.configure import build_config, parse_overrides, replace, settings, shown, to_yaml
 from kdlib.errors import KDError
@@ -38,6 +37,7 @@ def _status(promoted: bool) -> str:
 
 
 def teacher_job(cfg: ExperimentConfig) -> None:
+    from kdlib import registry
     from kdlib.teacher import run_teacher
 
     result = run_teacher(cfg)
@@ -47,6 +47,7 @@ def teacher_job(cfg: ExperimentConfig) -> None:
 
 
 def distill_job(cfg: ExperimentConfig) -> None:
+    from kdlib import registry
     from kdlib.distill import run_distill
 
     result, version, promoted = run_distill(cfg)
@@ -55,6 +56,7 @@ def distill_job(cfg: ExperimentConfig) -> None:
 
 def sweep_job(cfg: ExperimentConfig) -> None:
     """The sweep, then its report."""
+    from kdlib import registry
     from search.sweep import run_sweep
 
     result = run_sweep(cfg)
@@ -81,6 +83,8 @@ def report_job(cfg: ExperimentConfig) -> None:
 
 def main_job(cfg: ExperimentConfig) -> None:
     """The whole pipeline: the teacher when the experiment has no champion teacher yet, then the sweep and its report."""
+    from kdlib import registry
+
     if registry.champion(registry.teacher_model_name(cfg)) is None:
         teacher_job(cfg)
     sweep_job(cfg)
@@ -110,6 +114,7 @@ def bench_job(cfg: ExperimentConfig) -> None:
     """A fresh teacher, a sweep and a plain student (alpha = 0, the best trial's other settings), timed."""
     import torch
 
+    from kdlib import registry
     from kdlib.distill import run_distill
     from kdlib.precision import matmul_rate
     from kdlib.teacher import run_teacher
