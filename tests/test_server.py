@@ -120,11 +120,15 @@ def kill_mid_trial(victim: subprocess.Popen, optuna_url: str, study_name: str, r
         ]
         return mine[0] if mine else None
 
-    trial = wait_for(its_running_trial, 300, "the chosen worker to run a trial")
-    time.sleep(rng.uniform(0.0, 1.0))  # the random kill point within the trial, not a synchronisation
-    victim.send_signal(signal.SIGKILL)
-    victim.wait(timeout=60)
-    return trial.number
+    while victim.poll() is None:
+        trial = wait_for(its_running_trial, 300, "the chosen worker to run a trial")
+        time.sleep(rng.uniform(0.0, 1.0))  # the random kill point within the trial, not a synchronisation
+        still = its_running_trial()
+        if still is not None and still.number == trial.number:  # else that trial ended first: take its next one
+            victim.send_signal(signal.SIGKILL)
+            victim.wait(timeout=60)
+            return trial.number
+    pytest.fail("the chosen worker ended before it could be killed mid-trial")
 
 
 def check_sweep(optuna_url: str, study_name: str, n_trials: int) -> optuna.Study:
