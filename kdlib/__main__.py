@@ -22,7 +22,7 @@ from kdlib.errors import KDError
 
 DEFAULT_EXPERIMENT = "experiments/sst2-bert.yaml"
 PROG = "python -m kdlib"
-SEARCH_KEYS = tuple(f"search.{name}" for name in ("n_trials", "timeout", "study_name", "storage", "pruner", "seed"))
+SEARCH_KEYS = tuple(f"search.{name}" for name in ("n_trials", "timeout", "study_name", "storage", "pruner", "seed", "workers"))
 REPORT_KEYS = ("report.output_dir", "report.top_k")
 EVALUATE_KEYS = tuple(f"evaluate.{name}" for name in ("model_uri", "split", "teacher_uri", "precision", "threads"))
 NEXT_STEP = "see it with: mlflow ui   (then open http://127.0.0.1:5000)"

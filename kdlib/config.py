@@ -195,6 +195,7 @@ class SearchConfig:
     storage: Optuna storage: a journal file path or a database URL such as postgresql://... (null: a journal beside the MLflow store)
     pruner: median, hyperband or none
     seed: seed of the TPE sampler (give each worker its own)
+    workers: trial processes this command runs on this machine, sharing the study; CPU threads are split between them
     space: dotted distill.* key -> {low, high, log} or {choices}; an entry narrows the default field by field, null removes it
     """
 
@@ -204,12 +205,14 @@ class SearchConfig:
     storage: str | None = None
     pruner: str = "median"
     seed: int = 0
+    workers: int = 1
     space: dict[str, SearchParam] = field(default_factory=_default_space)
 
     def __post_init__(self) -> None:
         _check(self.n_trials >= 1, "n_trials", "an integer >= 1", self.n_trials)
         _check(self.timeout is None or self.timeout > 0, "timeout", "a number of seconds > 0 or null", self.timeout)
         _check(self.pruner in PRUNERS, "pruner", f"one of {PRUNERS}", self.pruner)
+        _check(self.workers >= 1, "workers", "an integer >= 1", self.workers)
         _check(bool(self.space), "space", "at least one searched setting", self.space)
 
 

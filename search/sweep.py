@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import multiprocessing
+import os
 import tempfile
 import time
 from dataclasses import dataclass
 
 import optuna
+import torch
 from optuna.trial import FrozenTrial, TrialState
 
 from kdlib import registry, tracking
 from kdlib.config import ExperimentConfig
+from kdlib.configure import replace
 from kdlib.student import prepare
 from kdlib.training import NonFiniteLoss, format_duration
 from search import space
@@ -96,7 +100,35 @@ class _Progress:
 
 
 def run_sweep(cfg: ExperimentConfig) -> SweepResult:
+    """The sweep; with ``search.workers`` > 1, that many trial processes on this machine share the study,
+    the CPU threads split evenly between them. This process is one of them, waits for the others, and
+    alone registers the best trial and moves the champion."""
     space.validate(cfg)
+    threads = torch.get_num_threads()
+    try:
+        return _sweep(cfg, cfg.search.workers, promote=True)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _start_local_worker(cfg: ExperimentConfig, index: int, threads: int) -> multiprocessing.Process:
+    # Spawned, not forked: a fork would copy this process's torch thread pools and MLflow state.
+    worker = multiprocessing.get_context("spawn").Process(
+        target=_local_worker, args=(replace(cfg, {"search.seed": cfg.search.seed + index}), threads)
+    )
+    worker.start()
+    return worker
+
+
+def _local_worker(cfg: ExperimentConfig, threads: int) -> None:
+    # Its own sweep run under the study's root: the launcher's run belongs to the first process.
+    os.environ.pop(tracking.LAUNCHER_RUN, None)
+    torch.set_num_threads(threads)
+    _sweep(cfg, 1, promote=False)
+
+
+def _sweep(cfg: ExperimentConfig, workers: int, promote: bool) -> SweepResult | None:
+    """One worker's part of the sweep; with ``workers`` > 1 it starts the others once the study and its root run exist."""
     storage, url = make_storage(cfg.search.storage)
     name = study_name(cfg)
     with tempfile.TemporaryDirectory(prefix="kd-sweep-") as tmp:
@@ -110,6 +142,9 @@ def run_sweep(cfg: ExperimentConfig) -> SweepResult:
         with tracking.job_run(cfg.name, registry.Role.SWEEP, {"optuna.study": name, "optuna.storage": url}) as run:
             _attach_to_root(study, run.info.run_id)
             register_worker(study, run.info.run_id)
+            threads = max(1, torch.get_num_threads() // workers)
+            others = [_start_local_worker(cfg, i, threads) for i in range(1, workers)]
+            torch.set_num_threads(threads)
             tracking.log_params(
                 {
                     "search.n_trials": cfg.search.n_trials,
@@ -121,11 +156,24 @@ def run_sweep(cfg: ExperimentConfig) -> SweepResult:
                 }
             )
             deadline = time.monotonic() + cfg.search.timeout if cfg.search.timeout else None
-            while finished(study) < cfg.search.n_trials and not objective.surplus and (deadline is None or time.monotonic() < deadline):
-                recover_dead_local_trials(study)  # before the trial, so this worker takes the retried one
-                study.optimize(objective, n_trials=1, catch=(NonFiniteLoss, SurplusTrial), callbacks=[_log_best, progress])
+            _work(study, objective, deadline, [_log_best, progress])
+            if others:
+                for worker in others:
+                    worker.join()
+                # A local worker that died left its trial RUNNING: take it over, as any worker would.
+                objective.surplus = False
+                _work(study, objective, deadline, [_log_best, progress])
+            if not promote:
+                return None
             result = _promote_best(cfg, study, run.info.run_id, url)
     return result
+
+
+def _work(study: optuna.Study, objective: Objective, deadline: float | None, callbacks: list) -> None:
+    """Run trials until the study has n_trials finished or pruned ones, this worker finds it full, or time is up."""
+    while finished(study) < objective.cfg.search.n_trials and not objective.surplus and (deadline is None or time.monotonic() < deadline):
+        recover_dead_local_trials(study)  # before the trial, so this worker takes the retried one
+        study.optimize(objective, n_trials=1, catch=(NonFiniteLoss, SurplusTrial), callbacks=callbacks)
 
 
 def _promote_best(cfg: ExperimentConfig, study: optuna.Study, run_id: str, url: str) -> SweepResult:

@@ -206,3 +206,17 @@ def test_a_study_belongs_to_one_mlflow_store(tmp_path, monkeypatch):
     with pytest.raises(KDError, match=r"study 's' belongs to the MLflow store sqlite:///.*a.db, not sqlite:///.*b.db"):
         check_store(optuna.load_study(study_name="s", storage=make_storage(journal_a)[0]))
     assert safe_url("postgresql+psycopg2://kd:s3cret@db:5432/optuna") == "postgresql+psycopg2://kd:***@db:5432/optuna"
+
+
+def test_two_local_workers_share_the_study_and_register_once(with_teacher, capsys):
+    result = run_sweep(config("n_trials=4", "search.workers=2", "pruner=none"))
+    done = [t for t in trials("smoke-sweep") if t.state == TrialState.COMPLETE]
+    assert result.finished == 4 and len(done) == 4
+    assert len({t.user_attrs["worker"] for t in done}) == 2, "both processes ran trials"
+    client = MlflowClient()
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert all(r.info.status == "FINISHED" for r in runs)
+    sweeps = [r for r in runs if r.data.tags.get("kd.role") == "sweep"]
+    assert len(sweeps) == 2 and sum("mlflow.parentRunId" not in r.data.tags for r in sweeps) == 1  # one tree
+    (version,) = client.search_model_versions("name = 'smoke-student'")
+    assert version.run_id == max(done, key=lambda t: t.value).user_attrs["mlflow_run_id"]
