@@ -209,9 +209,10 @@ def test_a_study_belongs_to_one_mlflow_store(tmp_path, monkeypatch):
 
 
 def test_two_local_workers_share_the_study_and_register_once(with_teacher, capsys):
-    result = run_sweep(config("n_trials=4", "search.workers=2", "pruner=none"))
+    # Trials of 3 epochs, so the second process (which first loads PyTorch and the data) finds some left.
+    result = run_sweep(config("n_trials=8", "search.workers=2", "pruner=none", "search.space.distill.train.epochs.low=3"))
     done = [t for t in trials("smoke-sweep") if t.state == TrialState.COMPLETE]
-    assert result.finished == 4 and len(done) == 4
+    assert result.finished == 8 and len(done) == 8
     assert len({t.user_attrs["worker"] for t in done}) == 2, "both processes ran trials"
     client = MlflowClient()
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
