@@ -28,7 +28,6 @@ def run_distill(cfg: ExperimentConfig, register: bool = True, role: str = regist
                 result.model_uri,
                 registry.student_model_name(cfg),
                 result.dev_accuracy,
-                description=f"Student of the distill job: {registry.METRIC} {result.dev_accuracy:.4f} with {settings}.",
-                tags={registry.METRIC: f"{result.dev_accuracy:.4f}", **{k: str(v) for k, v in settings.items()}},
+                **registry.notes("Student of the distill job", result.dev_accuracy, settings),
             )
     return result, version, promoted

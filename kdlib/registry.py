@@ -182,6 +182,16 @@ def promote_if_better(model_name: str, version: str, value: float) -> bool:
     return promoted
 
 
+def notes(what: str, value: float, settings: dict | None = None) -> dict:
+    """A version's description and tags, the same for every job: what it is, its champion metric, its settings."""
+    settings = settings or {}
+    shown = f" with {settings}" if settings else ""
+    return {
+        "description": f"{what}: {METRIC} {value:.4f}{shown}.",
+        "tags": {METRIC: f"{value:.4f}", **{key: str(setting) for key, setting in settings.items()}},
+    }
+
+
 def register_and_promote(
     model_uri: str, model_name: str, value: float, run_id: str | None = None, description: str = "", tags: dict | None = None
 ) -> tuple[str, bool]:

@@ -67,10 +67,8 @@ def run_teacher(cfg: ExperimentConfig) -> TeacherResult:
             train_logits = predict_logits(classifier.model, batching.eval_loader(train, pad, cfg.train.eval_batch_size), accelerator)
             dev_logits = predict_logits(classifier.model, batching.eval_loader(dev, pad, cfg.train.eval_batch_size), accelerator)
             model_uri = tracking.log_classifier(classifier, cfg.data.max_length, model_id=model_id)
-        description = (
-            f"Teacher {cfg.teacher.name_or_path} fine-tuned on {cfg.data.source} ({len(train)} sentences): {registry.METRIC} {dev_accuracy:.4f}."
-        )
-        with registry.registered_version(model_uri, name, description=description, tags={registry.METRIC: f"{dev_accuracy:.4f}"}) as version:
+        what = f"Teacher {cfg.teacher.name_or_path} fine-tuned on {cfg.data.source} ({len(train)} sentences)"
+        with registry.registered_version(model_uri, name, **registry.notes(what, dev_accuracy)) as version:
             key = logits_cache.LogitsKey(
                 name,
                 version,

@@ -183,18 +183,12 @@ def _promote_best(cfg: ExperimentConfig, study: optuna.Study, run_id: str, url: 
         tracking.set_tags({"champion.promoted": "false"})
         return SweepResult(study.study_name, url, run_id, done, None, {}, None, False)
     best = study.best_trial
-    tags = {
-        "optuna.study": study.study_name,
-        "optuna.trial": str(best.number),
-        registry.METRIC: f"{best.value:.4f}",
-        **{k: str(v) for k, v in best.params.items()},
-    }
+    settings = {"optuna.study": study.study_name, "optuna.trial": best.number, **best.params}
     version, promoted = registry.register_and_promote(
         best.user_attrs[MODEL_ATTR],
         registry.student_model_name(cfg),
         best.value,
         run_id=best.user_attrs[RUN_ATTR],
-        description=f"Best trial ({best.number}) of the sweep {study.study_name!r}: {registry.METRIC} {best.value:.4f} with {best.params}.",
-        tags=tags,
+        **registry.notes(f"Best trial ({best.number}) of the sweep {study.study_name!r}", best.value, settings),
     )
     return SweepResult(study.study_name, url, run_id, done, best.value, best.params, version, promoted)
