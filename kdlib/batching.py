@@ -135,3 +135,8 @@ def eval_loader(encoded: Encoded, pad_id: int, batch_size: int) -> torch.utils.d
     order = np.argsort(-encoded.lengths, kind="stable")
     batches = [order[i : i + batch_size].tolist() for i in range(0, len(order), batch_size)]
     return torch.utils.data.DataLoader(range(len(encoded)), batch_sampler=batches, collate_fn=Collator(encoded, pad_id))
+
+
+def concat(first: Encoded, second: Encoded) -> Encoded:
+    """``first``'s examples, then ``second``'s: example i of ``second`` becomes len(first) + i."""
+    return Encoded(first.input_ids + second.input_ids, np.concatenate([first.labels, second.labels]))

@@ -35,7 +35,10 @@ class DataConfig:
 
     source: hub dataset name; a folder (GLUE train.tsv/dev.tsv, <split>.csv|jsonl|parquet, or save_to_disk); or builtin:sentiment
     train_split: split the models train on
-    eval_split: split scored after every epoch and by evaluate/export
+    validation_split: split scored after every epoch, for pruning, the best trial and the champion (null: carved from train_split)
+    validation_size: carved validation split: a share of train_split if below 1, else a number of sentences (stratified by label)
+    split_seed: seed of the carved validation split
+    eval_split: split scored once per trained model, never used to choose one; evaluate/export score it too
     text_column: column holding the sentence
     label_column: column holding the label (an id 0..n-1 or one of label_names)
     label_names: the label set, in id order
@@ -46,6 +49,9 @@ class DataConfig:
 
     source: str = "stanfordnlp/sst2"
     train_split: str = "train"
+    validation_split: str | None = None
+    validation_size: float = 0.1
+    split_seed: int = 0
     eval_split: str = "validation"
     text_column: str = "sentence"
     label_column: str = "label"
@@ -58,6 +64,18 @@ class DataConfig:
         _check(len(self.label_names) >= 2, "label_names", "at least two label names", self.label_names)
         _check(len(set(self.label_names)) == len(self.label_names), "label_names", "distinct names", self.label_names)
         _check(self.max_length >= 8, "max_length", "an integer >= 8", self.max_length)
+        _check(
+            0 < self.validation_size < 1 or (self.validation_size >= 1 and float(self.validation_size).is_integer()),
+            "validation_size",
+            "a share in (0, 1) or a whole number of sentences >= 1",
+            self.validation_size,
+        )
+        _check(
+            self.validation_split != self.eval_split,
+            "validation_split",
+            f"a split other than eval_split ({self.eval_split!r}), or null",
+            self.validation_split,
+        )
         for key in ("max_train_examples", "max_eval_examples"):
             value = getattr(self, key)
             _check(value is None or value >= 1, key, "an integer >= 1 or null", value)
@@ -137,16 +155,48 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class TransferConfig:
+    """The transfer set: augmented copies of the training sentences that only the teacher labels (Tang et al. 2019).
+
+    Each copy changes every word with p_mask (the model's mask token) or p_replace (one of the word's
+    nearest neighbours in the teacher's input embeddings), then with p_ngram keeps only a random 1-5 word n-gram.
+
+    copies: augmented copies per training sentence (0: no transfer set); copies equal to their sentence are dropped
+    p_mask: chance that a word is masked
+    p_replace: chance that a word is replaced by an embedding neighbour
+    p_ngram: chance that a copy is cut to a random n-gram of 1 to 5 words
+    neighbours: how many nearest embedding neighbours a replacement is drawn from
+    seed: seed of the augmentation
+    """
+
+    copies: int = 0
+    p_mask: float = 0.1
+    p_replace: float = 0.1
+    p_ngram: float = 0.25
+    neighbours: int = 10
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.copies >= 0, "copies", "an integer >= 0", self.copies)
+        for key in ("p_mask", "p_replace", "p_ngram"):
+            _check(0 <= getattr(self, key) <= 1, key, "a probability in [0, 1]", getattr(self, key))
+        _check(self.p_mask + self.p_replace <= 1, "p_replace", f"a probability <= 1 - p_mask ({1 - self.p_mask:g})", self.p_replace)
+        _check(self.neighbours >= 1, "neighbours", "an integer >= 1", self.neighbours)
+
+
+@dataclass(frozen=True)
 class DistillConfig:
     """Knowledge distillation of one student (Hinton et al. 2015; DistilBERT uses T in 1..20).
 
     temperature: T, the softmax temperature of the soft targets
-    alpha: weight of the KL term; 1 - alpha weighs cross-entropy on the hard labels (0: plain fine-tuning)
+    alpha: weight of the KL term; 1 - alpha weighs cross-entropy on the hard labels (0 and no transfer set: plain fine-tuning)
+    transfer: teacher-labelled augmented sentences, trained on with the KL term only
     train: the student's own training settings; the sweep samples some of them per trial
     """
 
     temperature: float = 4.0
     alpha: float = 0.5
+    transfer: TransferConfig = field(default_factory=TransferConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(learning_rate=1e-4))
 
     def __post_init__(self) -> None:
@@ -196,6 +246,7 @@ class SearchConfig:
     pruner: median, hyperband or none
     seed: seed of the TPE sampler (give each worker its own)
     workers: trial processes this command runs on this machine, sharing the study; CPU threads are split between them
+    plain_baseline: after the trials, train the plain student (alpha 0, no transfer set, the best trial's other settings) and log distillation_gain
     space: dotted distill.* key -> {low, high, log} or {choices}; an entry narrows the default field by field, null removes it
     """
 
@@ -206,6 +257,7 @@ class SearchConfig:
     pruner: str = "median"
     seed: int = 0
     workers: int = 1
+    plain_baseline: bool = True
     space: dict[str, SearchParam] = field(default_factory=_default_space)
 
     def __post_init__(self) -> None:

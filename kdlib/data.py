@@ -46,7 +46,11 @@ class TextSplit:
 
 @dataclass(frozen=True)
 class Splits:
+    """Training sentences; validation, which pruning and every choice of a model may look at; and
+    evaluation, scored once per trained model and never used to choose one."""
+
     train: TextSplit
+    validation: TextSplit
     eval: TextSplit
 
 
@@ -166,21 +170,53 @@ def load_split(cfg: DataConfig, split: str, limit: int | None = None) -> TextSpl
     return _to_split(*_frame(cfg, split), split, cfg, limit)
 
 
-def load_splits(cfg: DataConfig) -> Splits:
-    """Read and validate the train and eval splits named by ``cfg``; raises KDError on bad data.
+def _subset(split: TextSplit, name: str, keep: np.ndarray) -> TextSplit:
+    texts, labels = [split.texts[i] for i in keep], split.labels[keep]
+    return TextSplit(name, texts, labels, fingerprint(texts, labels))
 
-    Each must hold at least two labels: a model trained or selected on one class learns nothing a
-    user wants, and its accuracy would still decide the champion.
+
+def carve_validation(train: TextSplit, cfg: DataConfig) -> tuple[TextSplit, TextSplit]:
+    """(train without validation, validation): a stratified, seeded share or count of ``train``, both in source order."""
+    from sklearn.model_selection import train_test_split
+
+    size = cfg.validation_size if cfg.validation_size < 1 else int(cfg.validation_size)
+    if isinstance(size, int) and size >= len(train):
+        raise KDError(
+            f"config: data.validation_size = {size} leaves no training sentences; expected fewer than the {len(train)} sentences of split {train.name!r}"
+        )
+    try:
+        kept, carved = train_test_split(np.arange(len(train)), test_size=size, stratify=train.labels, random_state=cfg.split_seed)
+    except ValueError as exc:  # too few sentences of a label to put some on both sides
+        raise KDError(f"config: data.validation_size = {cfg.validation_size:g} cannot be carved from split {train.name!r}: {exc}") from None
+    return _subset(train, train.name, np.sort(kept)), _subset(train, f"{train.name}[validation]", np.sort(carved))
+
+
+def load_splits(cfg: DataConfig) -> Splits:
+    """Read and validate the train, validation and eval splits named by ``cfg``; raises KDError on bad data.
+
+    The validation split is ``data.validation_split`` or, when that is null, carved from the
+    training split (``carve_validation``). Each split must hold at least two labels: a model trained
+    or selected on one class learns nothing a user wants, and its accuracy would still decide the champion.
     """
-    splits = Splits(
-        train=load_split(cfg, cfg.train_split, cfg.max_train_examples),
-        eval=load_split(cfg, cfg.eval_split, cfg.max_eval_examples),
-    )
-    for split in (splits.train, splits.eval):
-        present = sorted({int(label) for label in split.labels})
-        if len(present) < 2:
-            raise KDError(
-                f"data: split {split.name!r} of {cfg.source} holds only the label {cfg.label_names[present[0]]!r}; "
-                f"expected at least two of {list(cfg.label_names)} (data.label_names)"
-            )
-    return splits
+    train = load_split(cfg, cfg.train_split, cfg.max_train_examples)
+    evaluation = load_split(cfg, cfg.eval_split, cfg.max_eval_examples)
+    _two_labels(train, cfg)
+    _two_labels(evaluation, cfg)
+    if cfg.validation_split is None:
+        train, validation = carve_validation(train, cfg)
+    else:
+        try:
+            validation = load_split(cfg, cfg.validation_split)
+        except KDError as exc:
+            raise KDError(f"config: data.validation_split = {cfg.validation_split!r} cannot be read: {exc}") from None
+    _two_labels(validation, cfg)
+    return Splits(train=train, validation=validation, eval=evaluation)
+
+
+def _two_labels(split: TextSplit, cfg: DataConfig) -> None:
+    present = sorted({int(label) for label in split.labels})
+    if len(present) < 2:
+        raise KDError(
+            f"data: split {split.name!r} of {cfg.source} holds only the label {cfg.label_names[present[0]]!r}; "
+            f"expected at least two of {list(cfg.label_names)} (data.label_names)"
+        )

@@ -27,7 +27,7 @@ def run_distill(cfg: ExperimentConfig, register: bool = True, role: str = regist
             version, promoted = registry.register_and_promote(
                 result.model_uri,
                 registry.student_model_name(cfg),
-                result.dev_accuracy,
-                **registry.notes("Student of the distill job", result.dev_accuracy, settings),
+                result.val_accuracy,
+                **registry.notes("Student of the distill job", result.val_accuracy, result.eval_accuracy, settings),
             )
     return result, version, promoted

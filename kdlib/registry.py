@@ -1,7 +1,7 @@
 """The MLflow Model Registry: model names, roles, the champion and how models are fetched.
 
 One copy of each fact: ``<experiment>-teacher`` / ``<experiment>-student``, the ``champion`` alias,
-the metric a champion must beat (``dev_accuracy``), the ``kd.role`` of every run, registration that
+the metric a champion must beat (``val_accuracy``) and the one reported beside it (``eval_accuracy``), the ``kd.role`` of every run, registration that
 leaves the registry unchanged when anything after it fails, and promotion that moves the alias only
 for a better model and logs the comparison.
 """
@@ -22,8 +22,12 @@ from kdlib.errors import KDError
 from kdlib.serving import HF_MODEL, ONNX_MODEL
 
 CHAMPION = "champion"
-# The champion metric: the teacher, each student and each trial log it per epoch; the last epoch's counts.
-METRIC = "dev_accuracy"
+# The champion metric: the teacher, each student and each trial log it per epoch on the validation
+# split; the last epoch's counts. Pruning, the best trial and the champion use it and nothing else.
+METRIC = "val_accuracy"
+# Scored once per trained model on the evaluation split, which no choice of a model looks at.
+EVAL_METRIC = "eval_accuracy"
+GAP = "val_eval_gap"  # METRIC - EVAL_METRIC: how much choosing on validation flattered the model
 URI_FORMS = "models:/<name>@<alias>, models:/<name>/<version> or runs:/<run id>/<model name>"
 
 
@@ -33,7 +37,7 @@ class Role:
     TEACHER = "teacher"
     STUDENT = "student"  # the distill job
     TRIAL = "student-trial"
-    PLAIN_STUDENT = "plain-student"  # the bench's alpha = 0 baseline
+    PLAIN_STUDENT = "plain-student"  # the sweep's baseline: alpha = 0, no transfer set
     SWEEP = "sweep"
     EVALUATE = "evaluate"
     EXPORT = "export"
@@ -182,13 +186,14 @@ def promote_if_better(model_name: str, version: str, value: float) -> bool:
     return promoted
 
 
-def notes(what: str, value: float, settings: dict | None = None) -> dict:
-    """A version's description and tags, the same for every job: what it is, its champion metric, its settings."""
+def notes(what: str, value: float, eval_value: float, settings: dict | None = None) -> dict:
+    """A version's description and tags, the same for every job: what it is, its validation and
+    evaluation accuracy, its settings."""
     settings = settings or {}
     shown = f" with {settings}" if settings else ""
     return {
-        "description": f"{what}: {METRIC} {value:.4f}{shown}.",
-        "tags": {METRIC: f"{value:.4f}", **{key: str(setting) for key, setting in settings.items()}},
+        "description": f"{what}: {METRIC} {value:.4f}, {EVAL_METRIC} {eval_value:.4f}{shown}.",
+        "tags": {METRIC: f"{value:.4f}", EVAL_METRIC: f"{eval_value:.4f}", **{key: str(setting) for key, setting in settings.items()}},
     }
 
 

@@ -2,38 +2,61 @@
 
 ``prepare`` does the work every trial shares (data, the teacher's cached logits, the teacher's
 weights when the student is cut from them, tokenization) once; ``train_student`` builds a fresh
-student and trains it with the KD loss; ``log_student_run`` does that in the caller's MLflow run
-(the distill job's, or a sweep trial's). The teacher never runs during student training.
+student and trains it with the KD loss, on the training split and, when ``distill.transfer.copies``
+is set, on the teacher-labelled transfer set; ``log_student_run`` does that in the caller's MLflow
+run (the distill job's, or a sweep trial's). The teacher never runs during student training: it
+only labels a transfer set, once per set of settings, and the set is cached on its run.
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from kdlib import batching, logits_cache, precision, registry, tracking
-from kdlib.config import ExperimentConfig, ModelConfig
+from kdlib import batching, logits_cache, precision, registry, tracking, transfer
+from kdlib.config import ExperimentConfig, ModelConfig, TransferConfig
 from kdlib.data import Splits, load_splits
 from kdlib.errors import KDError
 from kdlib.losses import kd_loss
 from kdlib.metrics import agreement, classification_metrics
 from kdlib.models import Classifier, count_parameters, cut_from_teacher, load_classifier
-from kdlib.training import EpochCallback, FitResult, fit
+from kdlib.training import EpochCallback, FitResult, fit, make_accelerator, predict_logits, score_evaluation
+
+SPLITS = ("train", "validation", "eval")
+EVAL_LOGITS = "predictions/eval_logits.npy"  # every finished student's evaluation-split logits, for paired comparisons
+
+
+@dataclass(frozen=True)
+class TransferData:
+    encoded: batching.Encoded  # the copies as the student's tokenizer reads them
+    logits: np.ndarray  # the teacher's, [n, labels]
+    info: dict
 
 
 @dataclass
 class StudentData:
     splits: Splits
+    teacher_name: str
     teacher_version: str
     teacher_run_id: str
-    teacher_train_logits: np.ndarray  # [n_train, labels], eval-mode teacher
-    teacher_dev_logits: np.ndarray  # [n_dev, labels]
+    teacher_logits: dict[str, np.ndarray]  # split -> [n, labels], eval-mode teacher
     template: Classifier  # the untrained student every trial starts from (copied, never trained)
-    train: batching.Encoded
-    dev: batching.Encoded
+    encoded: dict[str, batching.Encoded]  # split -> the student's token ids
+    workdir: str  # outlives every trial of this process: the teacher's files are read from here
+    teacher: Classifier | None = None  # loaded when the student is cut from it or a transfer set is labelled
+    transfers: dict[TransferConfig, TransferData | None] = field(default_factory=dict)
+
+
+def _load_teacher(cfg: ExperimentConfig, data: StudentData) -> Classifier:
+    if data.teacher is None:
+        folder = registry.fetch_model(f"models:/{data.teacher_name}/{data.teacher_version}", data.workdir).folder
+        data.teacher = load_classifier(
+            "teacher", ModelConfig(name_or_path=str(folder)), cfg.data.label_names, [], cfg.data.max_length, cfg.distill.train.seed
+        )
+    return data.teacher
 
 
 def prepare(cfg: ExperimentConfig, workdir: str) -> StudentData:
@@ -48,24 +71,49 @@ def prepare(cfg: ExperimentConfig, workdir: str) -> StudentData:
     if not artifact:
         raise KDError(f"teacher {name} version {version.version} (run {version.run_id}) has no cached logits; rerun the teacher entry point")
     folder = tracking.download_run_artifact(version.run_id, artifact, workdir)
-    expected = {
-        "teacher_model": name,
-        "teacher_version": str(version.version),
-        "train_fingerprint": splits.train.fingerprint,
-        "dev_fingerprint": splits.eval.fingerprint,
-    }
-    train_logits, dev_logits = logits_cache.read(folder, expected)
+    logits, _ = logits_cache.read(
+        folder,
+        logits_cache.teacher_key(name, version.version, splits),
+        "teacher logits cache",
+        "rerun the teacher entry point on this data (same data.source, splits, validation settings and max_*_examples)",
+    )
+    data = StudentData(splits, name, str(version.version), version.run_id, logits, None, {}, workdir)  # type: ignore[arg-type]
     if cfg.student.teacher_layers:
-        hf_dir = registry.fetch_model(f"models:/{name}/{version.version}", workdir).folder
-        teacher = load_classifier(
-            "teacher", ModelConfig(name_or_path=str(hf_dir)), cfg.data.label_names, [], cfg.data.max_length, cfg.distill.train.seed
-        )
-        template = cut_from_teacher(teacher, cfg.student.teacher_layers)
+        data.template = cut_from_teacher(_load_teacher(cfg, data), cfg.student.teacher_layers)
     else:
-        template = load_classifier("student", cfg.student, cfg.data.label_names, splits.train.texts, cfg.data.max_length, cfg.distill.train.seed)
-    train = batching.encode(splits.train, template.tokenizer, cfg.data.max_length, cfg.cache_dir)
-    dev = batching.encode(splits.eval, template.tokenizer, cfg.data.max_length, cfg.cache_dir)
-    return StudentData(splits, str(version.version), version.run_id, train_logits, dev_logits, template, train, dev)
+        data.template = load_classifier("student", cfg.student, cfg.data.label_names, splits.train.texts, cfg.data.max_length, cfg.distill.train.seed)
+    data.encoded = {split: batching.encode(getattr(splits, split), data.template.tokenizer, cfg.data.max_length, cfg.cache_dir) for split in SPLITS}
+    transfer_data(cfg, data)  # made (or fetched) once here, before any trial or second worker needs it
+    return data
+
+
+def transfer_data(cfg: ExperimentConfig, data: StudentData) -> TransferData | None:
+    """The transfer set of ``cfg.distill.transfer`` as this student reads it (None without copies);
+    fetched from the teacher's run, or made, labelled and stored there on first use."""
+    settings = cfg.distill.transfer
+    if settings.copies == 0:
+        return None
+    if settings not in data.transfers:
+        set_key = transfer.key(data.teacher_name, data.teacher_version, data.splits.train.fingerprint, settings, cfg.data.max_length)
+
+        def make():
+            teacher = _load_teacher(cfg, data)
+            pad = teacher.tokenizer.pad_token_id
+            accelerator = make_accelerator(cfg.train.mixed_precision)  # the teacher's own precision
+            print(f"students: labelling a transfer set of {settings.copies} copies per sentence with the teacher", flush=True)
+            return transfer.make(
+                settings,
+                data.splits.train,
+                teacher,
+                cfg.data.max_length,
+                lambda model, encoded: predict_logits(model, batching.eval_loader(encoded, pad, cfg.train.eval_batch_size), accelerator),
+                cfg.cache_dir,
+            )
+
+        made = transfer.cached(data.teacher_run_id, set_key, data.workdir, make)
+        encoded = batching.encode(transfer.as_split(made.texts, data.template.tokenizer), data.template.tokenizer, cfg.data.max_length, cfg.cache_dir)
+        data.transfers[settings] = TransferData(encoded, made.logits, made.info)
+    return data.transfers[settings]
 
 
 def student_metrics(logits: np.ndarray, labels: np.ndarray, teacher_logits: np.ndarray) -> dict[str, float]:
@@ -73,59 +121,84 @@ def student_metrics(logits: np.ndarray, labels: np.ndarray, teacher_logits: np.n
     return {**classification_metrics(logits, labels), "agreement": agreement(logits, teacher_logits)}
 
 
-def train_student(
-    cfg: ExperimentConfig, data: StudentData, on_epoch_end: EpochCallback | None = None, label: str = "student: "
-) -> tuple[Classifier, FitResult]:
-    """A fresh copy of the initial student, trained with the KD loss at ``cfg.distill``'s settings."""
+@dataclass(frozen=True)
+class TrainedStudent:
+    student: Classifier
+    fit: FitResult
+    eval_logits: np.ndarray  # [n_eval, labels]
+    eval_metrics: dict[str, float]  # eval_accuracy, eval_loss, eval_agreement, val_eval_gap
+
+
+def train_student(cfg: ExperimentConfig, data: StudentData, on_epoch_end: EpochCallback | None = None, label: str = "student: ") -> TrainedStudent:
+    """A fresh copy of the initial student, trained with the KD loss at ``cfg.distill``'s settings,
+    chosen on validation, then scored once on the evaluation split."""
     distill, train_cfg = cfg.distill, cfg.distill.train
-    teacher_logits = torch.from_numpy(data.teacher_train_logits)
+    train, targets = data.encoded["train"], data.teacher_logits["train"]
+    extra = transfer_data(cfg, data)
+    if extra is not None:
+        train, targets = batching.concat(train, extra.encoded), np.concatenate([targets, extra.logits])
+    teacher_logits = torch.from_numpy(targets)
 
     def loss_fn(logits: torch.Tensor, batch: dict[str, torch.Tensor]):
         # Soft targets for exactly this batch's examples: [batch, labels], gathered by example index.
-        targets = teacher_logits[batch["index"].cpu()].to(logits.device)
-        loss, kl, ce = kd_loss(logits, targets, batch["labels"], distill.temperature, distill.alpha)
+        soft = teacher_logits[batch["index"].cpu()].to(logits.device)
+        loss, kl, ce = kd_loss(logits, soft, batch["labels"], distill.temperature, distill.alpha)
         return loss, {"kd_loss": kl, "ce_loss": ce}
+
+    def scorer(split: str):
+        return lambda logits: student_metrics(logits, data.encoded[split].labels, data.teacher_logits[split])
 
     student = Classifier(data.template.tokenizer, copy.deepcopy(data.template.model))
     pad = student.tokenizer.pad_token_id
     result = fit(
         student.model,
-        batching.train_loader(data.train, pad, train_cfg.batch_size, train_cfg.seed),
-        batching.eval_loader(data.dev, pad, train_cfg.eval_batch_size),
-        lambda logits: student_metrics(logits, data.dev.labels, data.teacher_dev_logits),
+        batching.train_loader(train, pad, train_cfg.batch_size, train_cfg.seed),
+        batching.eval_loader(data.encoded["validation"], pad, train_cfg.eval_batch_size),
+        scorer("validation"),
         train_cfg,
         loss_fn=loss_fn,
         on_epoch_end=on_epoch_end,
         label=label,
     )
     student.model = result.model
-    return student, result
+    eval_logits, scores = score_evaluation(
+        student.model,
+        batching.eval_loader(data.encoded["eval"], pad, train_cfg.eval_batch_size),
+        scorer("eval"),
+        train_cfg.mixed_precision,
+        result.history[-1][registry.METRIC],
+    )
+    return TrainedStudent(student, result, eval_logits, scores)
 
 
 @dataclass(frozen=True)
 class StudentResult:
     run_id: str
-    dev_accuracy: float
+    val_accuracy: float
+    eval_accuracy: float
     model_uri: str
+    eval_logits: np.ndarray
 
 
 def log_student_run(cfg: ExperimentConfig, data: StudentData, on_epoch_end: EpochCallback | None = None, label: str = "student: ") -> StudentResult:
-    """Inside an open MLflow run: log the student's settings, train it, log per-epoch metrics and the model.
+    """Inside an open MLflow run: log the student's settings, train it, log per-epoch metrics, the
+    evaluation-split scores and logits, and the model.
 
     ``on_epoch_end`` runs after each epoch's metrics are logged (a sweep trial reports and prunes there).
     """
+    extra = transfer_data(cfg, data)
     tracking.log_config(
         cfg,
         ("data", "student", "distill"),  # the teacher's settings are its own run's
         {
             "teacher_version": data.teacher_version,
             "teacher_run_id": data.teacher_run_id,
-            "n_train": len(data.train),
-            "n_dev": len(data.dev),
+            **{f"n_{split}": len(data.encoded[split]) for split in SPLITS},
             "parameters": count_parameters(data.template.model),
             "non_embedding_parameters": count_parameters(data.template.model, embeddings=False),
-            "train_tokens": int(data.train.lengths.sum()),
+            "train_tokens": int(data.encoded["train"].lengths.sum() + (extra.encoded.lengths.sum() if extra else 0)),
             "distill.train.precision": precision.resolve(cfg.distill.train.mixed_precision).mixed_precision,
+            **({f"transfer.{k}": v for k, v in extra.info.items()} if extra else {}),
         },
     )
     tracking.log_splits(cfg.data.source, data.splits)
@@ -136,6 +209,11 @@ def log_student_run(cfg: ExperimentConfig, data: StudentData, on_epoch_end: Epoc
             if on_epoch_end is not None:
                 on_epoch_end(epoch, metrics)
 
-        student, result = train_student(cfg, data, logged, label)
-        model_uri = tracking.log_classifier(student, cfg.data.max_length, model_id=model_id)
-    return StudentResult(tracking.active_run_id(), result.history[-1][registry.METRIC], model_uri)
+        trained = train_student(cfg, data, logged, label)
+        tracking.log_epoch(cfg.distill.train.epochs, trained.eval_metrics, model_id)
+        tracking.log_array(EVAL_LOGITS, trained.eval_logits)
+        model_uri = tracking.log_classifier(trained.student, cfg.data.max_length, model_id=model_id)
+    history = trained.fit.history[-1]
+    return StudentResult(
+        tracking.active_run_id(), history[registry.METRIC], trained.eval_metrics[registry.EVAL_METRIC], model_uri, trained.eval_logits
+    )

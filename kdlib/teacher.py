@@ -11,7 +11,7 @@ from kdlib.config import ExperimentConfig
 from kdlib.data import load_splits
 from kdlib.metrics import classification_metrics
 from kdlib.models import count_parameters, load_classifier
-from kdlib.training import fit, make_accelerator, predict_logits
+from kdlib.training import fit, make_accelerator, predict_logits, score_evaluation
 
 
 @dataclass(frozen=True)
@@ -19,7 +19,8 @@ class TeacherResult:
     run_id: str
     model_name: str
     version: str
-    dev_accuracy: float
+    val_accuracy: float
+    eval_accuracy: float
     promoted: bool
     logits_artifact: str
 
@@ -30,9 +31,12 @@ def run_teacher(cfg: ExperimentConfig) -> TeacherResult:
     print(f"teacher: training in {chosen.mixed_precision} ({chosen.reason})", flush=True)
     splits = load_splits(cfg.data)
     classifier = load_classifier("teacher", cfg.teacher, cfg.data.label_names, splits.train.texts, cfg.data.max_length, cfg.train.seed)
-    train = batching.encode(splits.train, classifier.tokenizer, cfg.data.max_length, cfg.cache_dir)
-    dev = batching.encode(splits.eval, classifier.tokenizer, cfg.data.max_length, cfg.cache_dir)
+    encoded = {
+        name: batching.encode(split, classifier.tokenizer, cfg.data.max_length, cfg.cache_dir)
+        for name, split in (("train", splits.train), ("validation", splits.validation), ("eval", splits.eval))
+    }
     pad = classifier.tokenizer.pad_token_id
+    loaders = {name: batching.eval_loader(split, pad, cfg.train.eval_batch_size) for name, split in encoded.items()}
     name = registry.teacher_model_name(cfg)
 
     with tracking.job_run(cfg.name, registry.Role.TEACHER) as run:
@@ -40,10 +44,7 @@ def run_teacher(cfg: ExperimentConfig) -> TeacherResult:
             cfg,
             ("data", "teacher", "train"),
             {
-                "n_train": len(train),
-                "n_dev": len(dev),
-                "train_fingerprint": splits.train.fingerprint,
-                "dev_fingerprint": splits.eval.fingerprint,
+                **{f"n_{split}": len(split_encoded) for split, split_encoded in encoded.items()},
                 "parameters": count_parameters(classifier.model),
                 "train.precision": chosen.mixed_precision,
                 "train.precision_reason": chosen.reason,
@@ -53,33 +54,34 @@ def run_teacher(cfg: ExperimentConfig) -> TeacherResult:
         with tracking.pending_model() as model_id:
             result = fit(
                 classifier.model,
-                batching.train_loader(train, pad, cfg.train.batch_size, cfg.train.seed),
-                batching.eval_loader(dev, pad, cfg.train.eval_batch_size),
-                lambda logits: classification_metrics(logits, dev.labels),
+                batching.train_loader(encoded["train"], pad, cfg.train.batch_size, cfg.train.seed),
+                loaders["validation"],
+                lambda logits: classification_metrics(logits, encoded["validation"].labels),
                 cfg.train,
                 on_epoch_end=lambda epoch, metrics: tracking.log_epoch(epoch, metrics, model_id),
                 label="teacher: ",
             )
             classifier.model = result.model
-            dev_accuracy = result.history[-1][registry.METRIC]
+            val_accuracy = result.history[-1][registry.METRIC]
+            eval_logits, scores = score_evaluation(
+                classifier.model,
+                loaders["eval"],
+                lambda logits: classification_metrics(logits, encoded["eval"].labels),
+                cfg.train.mixed_precision,
+                val_accuracy,
+            )
+            tracking.log_epoch(cfg.train.epochs, scores, model_id)
             # Eval mode (no dropout): these are the soft targets every student trial will read.
             accelerator = make_accelerator(cfg.train.mixed_precision)
-            train_logits = predict_logits(classifier.model, batching.eval_loader(train, pad, cfg.train.eval_batch_size), accelerator)
-            dev_logits = predict_logits(classifier.model, batching.eval_loader(dev, pad, cfg.train.eval_batch_size), accelerator)
+            logits = {split: predict_logits(classifier.model, loaders[split], accelerator) for split in ("train", "validation")}
+            logits["eval"] = eval_logits
             model_uri = tracking.log_classifier(classifier, cfg.data.max_length, model_id=model_id)
-        what = f"Teacher {cfg.teacher.name_or_path} fine-tuned on {cfg.data.source} ({len(train)} sentences)"
-        with registry.registered_version(model_uri, name, **registry.notes(what, dev_accuracy)) as version:
-            key = logits_cache.LogitsKey(
-                name,
-                version,
-                splits.train.fingerprint,
-                splits.eval.fingerprint,
-                batching.tokenizer_fingerprint(classifier.tokenizer),
-                cfg.data.max_length,
-            )
+        what = f"Teacher {cfg.teacher.name_or_path} fine-tuned on {cfg.data.source} ({len(splits.train)} sentences)"
+        with registry.registered_version(model_uri, name, **registry.notes(what, val_accuracy, scores[registry.EVAL_METRIC])) as version:
+            key = logits_cache.teacher_key(name, version, splits, batching.tokenizer_fingerprint(classifier.tokenizer), cfg.data.max_length)
             with tempfile.TemporaryDirectory() as tmp:
-                folder = logits_cache.write(Path(tmp), key, train_logits, dev_logits)
+                folder = logits_cache.write(Path(tmp), key, logits)
                 artifact = f"{logits_cache.ARTIFACT_DIR}/{folder.name}"
                 tracking.log_folder(folder, artifact, logits_cache.TAG)
-            promoted = registry.promote_if_better(name, version, dev_accuracy)
-        return TeacherResult(run.info.run_id, name, version, dev_accuracy, promoted, artifact)
+            promoted = registry.promote_if_better(name, version, val_accuracy)
+        return TeacherResult(run.info.run_id, name, version, val_accuracy, scores[registry.EVAL_METRIC], promoted, artifact)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import numpy as np
 from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, Schema
@@ -121,8 +122,9 @@ def log_dataset(source: str, split: str, digest: str, context: str) -> None:
 
 
 def log_splits(source: str, splits: Splits) -> None:
-    """The training and evaluation splits a run trained and was scored on, as its dataset inputs."""
+    """The splits a run trained on, was chosen on and was scored on, as its dataset inputs."""
     log_dataset(source, splits.train.name, splits.train.fingerprint, "training")
+    log_dataset(source, splits.validation.name, splits.validation.fingerprint, "validation")
     log_dataset(source, splits.eval.name, splits.eval.fingerprint, "evaluation")
 
 
@@ -208,6 +210,29 @@ def find_runs(experiment: str, filter_string: str) -> list:
     client = MlflowClient()
     ids = [e.experiment_id for e in client.search_experiments()]
     return client.search_runs(ids, f"tags.`{EXPERIMENT_TAG}` = '{experiment}' and {filter_string}", order_by=["attributes.start_time DESC"])
+
+
+def log_array(path: str, array: np.ndarray) -> None:
+    """Log a NumPy array as the active run's artifact ``path`` (a .npy file)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / Path(path).name
+        np.save(local, array)
+        mlflow.log_artifact(str(local), str(Path(path).parent))
+
+
+def load_array(run_id: str, path: str) -> np.ndarray:
+    with tempfile.TemporaryDirectory() as tmp:
+        return np.load(download_run_artifact(run_id, path, tmp))
+
+
+def artifact_exists(run_id: str, path: str) -> bool:
+    parent = path.rpartition("/")[0] or None
+    return any(item.path == path for item in MlflowClient().list_artifacts(run_id, parent))
+
+
+def log_folder_to(run_id: str, local: Path, artifact_path: str) -> None:
+    """Log a folder to a run that may have ended (the teacher's run, when a student labels a transfer set)."""
+    MlflowClient().log_artifacts(run_id, str(local), artifact_path)
 
 
 def download_run_artifact(run_id: str, path: str, dst: str) -> Path:

@@ -32,7 +32,7 @@ Batch = dict[str, torch.Tensor]
 # (logits [batch, labels], batch) -> (loss to minimise, named parts to report, e.g. KD and CE terms)
 LossFn = Callable[[torch.Tensor, Batch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 EpochCallback = Callable[[int, dict[str, float]], None]
-# dev logits [n, labels] in example order -> named dev metrics (at least "accuracy" and "loss")
+# validation logits [n, labels] in example order -> named metrics (at least "accuracy" and "loss"), logged as val_<name>
 EvalFn = Callable[[np.ndarray], dict[str, float]]
 
 
@@ -79,7 +79,7 @@ def format_duration(seconds: float) -> str:
 def epoch_line(label: str, epoch: int, epochs: int, steps: int, metrics: dict[str, float], elapsed: float) -> str:
     """One log line per epoch: what a terminal's bar shows, the epoch's metrics, and the time left."""
     shown = ", ".join(
-        f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith(("train_", "dev_")) and k not in ("train_examples_per_s", "train_seconds")
+        f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith(("train_", "val_")) and k not in ("train_examples_per_s", "train_seconds")
     )
     eta = elapsed / epoch * (epochs - epoch)
     return (
@@ -102,6 +102,16 @@ def predict_logits(model: torch.nn.Module, loader: torch.utils.data.DataLoader, 
     out = torch.empty((sum(len(c) for c in chunks), chunks[0].shape[1]), dtype=torch.float32)
     out[torch.cat(indices)] = torch.cat(chunks)
     return out.numpy()
+
+
+def score_evaluation(
+    model: torch.nn.Module, loader: torch.utils.data.DataLoader, evaluate: EvalFn, mixed_precision: str, val_accuracy: float
+) -> tuple[np.ndarray, dict[str, float]]:
+    """Logits on the evaluation split, its metrics as eval_<name>, and val_eval_gap: validation minus
+    evaluation accuracy. Once per trained model, after every choice that validation made."""
+    logits = predict_logits(model, loader, make_accelerator(mixed_precision))
+    metrics = {f"eval_{name}": value for name, value in evaluate(logits).items()}
+    return logits, {**metrics, "val_eval_gap": val_accuracy - metrics["eval_accuracy"]}
 
 
 def fit(
@@ -166,7 +176,7 @@ def fit(
         metrics = {
             "train_loss": train_loss,
             **{f"train_{name}": float(value) / len(train_loader) for name, value in part_sums.items()},
-            **{f"dev_{name}": value for name, value in evaluation.items()},
+            **{f"val_{name}": value for name, value in evaluation.items()},
             "train_examples_per_s": examples * accelerator.num_processes / seconds,
             "train_seconds": seconds,
         }

@@ -1,7 +1,7 @@
 """Benchmark figures of one teacher + sweep + plain student run on one experiment.
 
-The entry module's ``bench`` job runs the teacher, a fixed-seed sweep and a plain fine-tuned
-student (alpha = 0, the best trial's other settings), timing each; ``summarize`` turns that into
+The entry module's ``bench`` job runs the teacher and a fixed-seed sweep, which ends with the plain
+fine-tuned student (alpha = 0, no transfer set, the best trial's other settings), timing each; ``summarize`` turns that into
 ``outputs/bench/<name>.json`` and a markdown table. Throughput is set against this machine's
 matrix-product peaks, measured in the same process, so the share of peak is comparable across machines.
 """
@@ -32,10 +32,22 @@ def trial_throughput(sweep_run_id: str) -> tuple[float, float, int]:
     return examples, seconds, epochs
 
 
-def summarize(cfg: ExperimentConfig, peaks: dict[str, float], wall_s: dict[str, float], teacher, sweep, plain) -> dict:
-    """The bench's figures from the teacher, sweep and plain-student jobs' results."""
+def transfer_cost(sweep_run_id: str) -> float:
+    """Seconds spent making and labelling the transfer sets the sweep's trials used (each set once)."""
+    sets = {}
+    for run in tracking.child_runs(sweep_run_id, registry.Role.TRIAL):
+        params = run.data.params
+        if "transfer.digest" in params:
+            sets[params["transfer.digest"]] = float(params["transfer.augment_seconds"]) + float(params["transfer.label_seconds"])
+    return sum(sets.values())
+
+
+def summarize(cfg: ExperimentConfig, peaks: dict[str, float], wall_s: dict[str, float], teacher, sweep) -> dict:
+    """The bench's figures from the teacher and sweep jobs' results."""
     examples, seconds, epochs = trial_throughput(sweep.run_id)
+    plain = sweep.baseline
     student = tracking.get_run(plain.run_id).data.params  # what every student logs about its data and size
+    labelling = transfer_cost(sweep.run_id)
     # Forward + backward of a transformer: ~6 FLOPs per non-embedding parameter per token.
     student_flops = 6 * int(student["non_embedding_parameters"]) * int(student["train_tokens"]) * epochs
     achieved = student_flops / seconds if seconds else 0.0
@@ -54,11 +66,18 @@ def summarize(cfg: ExperimentConfig, peaks: dict[str, float], wall_s: dict[str, 
         "matmul_peak_flops_per_s": peaks,
         "share_of_peak": {k: achieved / v for k, v in peaks.items()},
         "peak_memory_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-        "teacher_dev_accuracy": teacher.dev_accuracy,
-        "best_student_dev_accuracy": sweep.best_value,
+        "transfer_set_seconds": labelling,
+        "transfer_set_share_of_sweep": labelling / wall_s["sweep"],
+        "teacher_val_accuracy": teacher.val_accuracy,
+        "teacher_eval_accuracy": teacher.eval_accuracy,
+        "best_student_val_accuracy": sweep.best_value,
+        "best_student_eval_accuracy": sweep.best_eval_accuracy,
         "best_student_params": sweep.best_params,
-        "plain_student_dev_accuracy": plain.dev_accuracy,
-        "distillation_gain_points": 100 * (sweep.best_value - plain.dev_accuracy),
+        "plain_student_val_accuracy": plain.val_accuracy,
+        "plain_student_eval_accuracy": plain.eval_accuracy,
+        "distillation_gain_points": 100 * plain.gain.difference,
+        "distillation_gain_interval_points": [100 * plain.gain.low, 100 * plain.gain.high],
+        "distillation_gain_mcnemar_p": plain.gain.p_value,
     }
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / f"{cfg.name}.json").write_text(json.dumps(results, indent=2))
@@ -70,7 +89,11 @@ def markdown(results: dict) -> str:
     rows = [
         ("training sentences", f"{results['n_train']:,}"),
         ("trials (epoch range)", f"{results['n_trials']} ({results['epoch_range']})"),
-        ("wall time: teacher / sweep / plain student", f"{wall['teacher']:.0f} s / {wall['sweep']:.0f} s / {wall['plain_student']:.0f} s"),
+        ("wall time: teacher / sweep (plain student included)", f"{wall['teacher']:.0f} s / {wall['sweep']:.0f} s"),
+        (
+            "transfer set: making and labelling (share of the sweep)",
+            f"{results['transfer_set_seconds']:.0f} s ({results['transfer_set_share_of_sweep']:.1%})",
+        ),
         ("trials per hour", f"{results['trials_per_hour']:.1f}"),
         ("student training examples/s", f"{results['student_train_examples_per_s']:.0f}"),
         (
@@ -78,8 +101,19 @@ def markdown(results: dict) -> str:
             f"{results['student_train_flops_per_s'] / 1e9:.1f} G ({results['share_of_peak']['bf16']:.1%} / {results['share_of_peak']['fp32']:.1%})",
         ),
         ("peak memory", f"{results['peak_memory_gib']:.2f} GiB"),
-        ("teacher dev accuracy", f"{results['teacher_dev_accuracy']:.4f}"),
-        ("best distilled student dev accuracy", f"{results['best_student_dev_accuracy']:.4f}"),
-        ("plain fine-tuned student (alpha = 0, same budget)", f"{results['plain_student_dev_accuracy']:.4f}"),
+        ("teacher accuracy: validation / evaluation", f"{results['teacher_val_accuracy']:.4f} / {results['teacher_eval_accuracy']:.4f}"),
+        (
+            "best distilled student: validation / evaluation",
+            f"{results['best_student_val_accuracy']:.4f} / {results['best_student_eval_accuracy']:.4f}",
+        ),
+        (
+            "plain student (alpha = 0, no transfer set, same budget): validation / evaluation",
+            f"{results['plain_student_val_accuracy']:.4f} / {results['plain_student_eval_accuracy']:.4f}",
+        ),
+        (
+            "distillation gain on evaluation (95% interval; McNemar p)",
+            f"{results['distillation_gain_points']:+.2f} points ({results['distillation_gain_interval_points'][0]:+.2f} to "
+            f"{results['distillation_gain_interval_points'][1]:+.2f}; p = {results['distillation_gain_mcnemar_p']:.3f})",
+        ),
     ]
     return "\n".join(["| measure | value |", "| --- | --- |", *[f"| {a} | {b} |" for a, b in rows]])

@@ -10,10 +10,16 @@ from kdlib.config import ExperimentConfig
 from kdlib.configure import replace
 from kdlib.student import StudentData, log_student_run
 from search.space import suggest
-from search.study import MODEL_ATTR, RUN_ATTR, WORKER_ATTR, WORKER_RUN_ATTR, worker_id
+from search.study import EVAL_ATTR, MODEL_ATTR, RUN_ATTR, WORKER_ATTR, WORKER_RUN_ATTR, worker_id
 
 # Short names of searched settings in run names and log lines: trial-3 T=5.2 a=0.72 lr=4.4e-05 ep=2.
-SHORT = {"distill.temperature": "T", "distill.alpha": "a", "distill.train.learning_rate": "lr", "distill.train.epochs": "ep"}
+SHORT = {
+    "distill.temperature": "T",
+    "distill.alpha": "a",
+    "distill.train.learning_rate": "lr",
+    "distill.train.epochs": "ep",
+    "distill.transfer.copies": "copies",
+}
 # Trials that hold (or will hold) one of the n_trials places.
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
 
@@ -64,4 +70,5 @@ class Objective:
             trial.set_user_attr(RUN_ATTR, run.info.run_id)
             result = log_student_run(trial_cfg, self.data, on_epoch_end, label=f"trial {place}/{self.cfg.search.n_trials}: ")
             trial.set_user_attr(MODEL_ATTR, result.model_uri)
-            return result.dev_accuracy
+            trial.set_user_attr(EVAL_ATTR, result.eval_accuracy)
+            return result.val_accuracy

@@ -28,6 +28,7 @@ HEARTBEAT_S = 10
 # Trial attributes: the trial's own MLflow run, its worker's run, and the worker process.
 RUN_ATTR, WORKER_RUN_ATTR, WORKER_ATTR = "mlflow_run_id", "worker_run_id", "worker"
 MODEL_ATTR = "model_uri"  # trial attribute: the trained student's model URI
+EVAL_ATTR = "eval_accuracy"  # trial attribute: its evaluation-split accuracy (never the objective)
 
 
 def study_name(cfg: ExperimentConfig) -> str:

@@ -22,11 +22,22 @@ from optuna.trial import FrozenTrial, TrialState
 from kdlib import registry, tracking
 from kdlib.config import ExperimentConfig
 from kdlib.configure import replace
-from kdlib.student import prepare
+from kdlib.student import StudentData, prepare
 from kdlib.training import NonFiniteLoss, format_duration
-from search import space
+from search import baseline, space
 from search.objective import Objective, SurplusTrial
-from search.study import MODEL_ATTR, ROOT_ATTR, RUN_ATTR, check_store, finished, make_storage, recover_dead_local_trials, register_worker, study_name
+from search.study import (
+    EVAL_ATTR,
+    MODEL_ATTR,
+    ROOT_ATTR,
+    RUN_ATTR,
+    check_store,
+    finished,
+    make_storage,
+    recover_dead_local_trials,
+    register_worker,
+    study_name,
+)
 
 
 @dataclass(frozen=True)
@@ -35,10 +46,12 @@ class SweepResult:
     storage: str
     run_id: str
     finished: int
-    best_value: float | None
+    best_value: float | None  # validation accuracy of the best trial
+    best_eval_accuracy: float | None
     best_params: dict
     version: str | None
     promoted: bool
+    baseline: baseline.Baseline | None  # the plain student and the distillation gain (search.plain_baseline)
 
 
 def _pruner(cfg: ExperimentConfig) -> optuna.pruners.BasePruner:
@@ -66,8 +79,14 @@ def _attach_to_root(study: optuna.Study, run_id: str) -> str:
 
 def _log_best(study: optuna.Study, trial: FrozenTrial) -> None:
     if trial.state == TrialState.COMPLETE and study.best_trial.number == trial.number:
+        evaluated = trial.user_attrs[EVAL_ATTR]
         tracking.log_metrics(
-            {f"best_{registry.METRIC}": trial.value, **{f"best.{k}": float(v) for k, v in trial.params.items() if isinstance(v, (int, float))}},
+            {
+                f"best_{registry.METRIC}": trial.value,
+                f"best_{registry.EVAL_METRIC}": evaluated,
+                f"best_{registry.GAP}": trial.value - evaluated,
+                **{f"best.{k}": float(v) for k, v in trial.params.items() if isinstance(v, (int, float))},
+            },
             step=trial.number,
         )
         tracking.set_tags({"best.trial": str(trial.number), "best.run_id": trial.user_attrs.get(RUN_ATTR, "")})
@@ -87,7 +106,9 @@ class _Progress:
         self.ran += 1
         done = finished(study)
         outcome = {
-            TrialState.COMPLETE: f"finished: {registry.METRIC} {trial.value:.4f}" if trial.value is not None else "finished",
+            TrialState.COMPLETE: f"finished: {registry.METRIC} {trial.value:.4f} ({registry.EVAL_METRIC} {trial.user_attrs[EVAL_ATTR]:.4f})"
+            if trial.value is not None
+            else "finished",
             TrialState.PRUNED: f"pruned after epoch {trial.last_step}",
         }.get(trial.state, trial.state.name.lower())
         took = trial.duration.total_seconds() if trial.duration else 0.0
@@ -142,7 +163,8 @@ def _sweep(cfg: ExperimentConfig, workers: int, promote: bool) -> SweepResult | 
         with tracking.job_run(cfg.name, registry.Role.SWEEP, {"optuna.study": name, "optuna.storage": url}) as run:
             _attach_to_root(study, run.info.run_id)
             register_worker(study, run.info.run_id)
-            threads = max(1, torch.get_num_threads() // workers)
+            total = torch.get_num_threads()
+            threads = max(1, total // workers)
             others = [_start_local_worker(cfg, i, threads) for i in range(1, workers)]
             torch.set_num_threads(threads)
             tracking.log_params(
@@ -163,9 +185,10 @@ def _sweep(cfg: ExperimentConfig, workers: int, promote: bool) -> SweepResult | 
                 # A local worker that died left its trial RUNNING: take it over, as any worker would.
                 objective.surplus = False
                 _work(study, objective, deadline, [_log_best, progress])
+                torch.set_num_threads(total)  # the plain student runs alone
             if not promote:
                 return None
-            result = _promote_best(cfg, study, run.info.run_id, url)
+            result = _promote_best(cfg, study, run.info.run_id, url, data)
     return result
 
 
@@ -176,19 +199,26 @@ def _work(study: optuna.Study, objective: Objective, deadline: float | None, cal
         study.optimize(objective, n_trials=1, catch=(NonFiniteLoss, SurplusTrial), callbacks=callbacks)
 
 
-def _promote_best(cfg: ExperimentConfig, study: optuna.Study, run_id: str, url: str) -> SweepResult:
+def _promote_best(cfg: ExperimentConfig, study: optuna.Study, run_id: str, url: str, data: StudentData) -> SweepResult:
+    """Register the best trial (chosen on validation) and move the champion if it is better; then,
+    with ``search.plain_baseline``, train its plain twin and log the distillation gain."""
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     done = finished(study)
     if not complete:
         tracking.set_tags({"champion.promoted": "false"})
-        return SweepResult(study.study_name, url, run_id, done, None, {}, None, False)
+        return SweepResult(study.study_name, url, run_id, done, None, None, {}, None, False, None)
     best = study.best_trial
+    evaluated = best.user_attrs[EVAL_ATTR]
     settings = {"optuna.study": study.study_name, "optuna.trial": best.number, **best.params}
     version, promoted = registry.register_and_promote(
         best.user_attrs[MODEL_ATTR],
         registry.student_model_name(cfg),
         best.value,
         run_id=best.user_attrs[RUN_ATTR],
-        **registry.notes(f"Best trial ({best.number}) of the sweep {study.study_name!r}", best.value, settings),
+        **registry.notes(f"Best trial ({best.number}) of the sweep {study.study_name!r}", best.value, evaluated, settings),
     )
-    return SweepResult(study.study_name, url, run_id, done, best.value, best.params, version, promoted)
+    plain = None
+    if cfg.search.plain_baseline:
+        plain = baseline.measure(cfg, data, study.study_name, best)
+        print(f"sweep: {baseline.describe(evaluated, plain)}", flush=True)
+    return SweepResult(study.study_name, url, run_id, done, best.value, evaluated, best.params, version, promoted, plain)

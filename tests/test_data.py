@@ -1,4 +1,5 @@
 import json
+from types import SimpleNamespace
 
 import datasets
 import numpy as np
@@ -6,12 +7,17 @@ import pandas as pd
 import pytest
 
 from kdlib.config import DataConfig
-from kdlib.data import load_splits
+from kdlib.data import load_split, load_splits
 from kdlib.errors import KDError
 from tests.conftest import write_tsv
 
 TRAIN = [("a gorgeous film", 1), ("a tedious mess", 0), ("witty and warm", 1)]
 DEV = [("dull", 0), ("moving", 1)]
+
+
+def read(cfg: DataConfig) -> SimpleNamespace:
+    """The train and eval splits as the readers return them (these files are too small to carve validation from)."""
+    return SimpleNamespace(train=load_split(cfg, cfg.train_split), eval=load_split(cfg, cfg.eval_split))
 
 
 def glue(folder):
@@ -21,7 +27,7 @@ def glue(folder):
 
 
 def test_glue_folder(tmp_path):
-    splits = load_splits(DataConfig(source=str(glue(tmp_path / "glue"))))
+    splits = read(DataConfig(source=str(glue(tmp_path / "glue"))))
     assert splits.train.texts == [s for s, _ in TRAIN]
     assert splits.train.labels.tolist() == [1, 0, 1]
     assert splits.eval.texts == ["dull", "moving"]
@@ -32,7 +38,7 @@ def test_tsv_keeps_quotes_and_null_like_words(tmp_path):
     folder = tmp_path / "q"
     write_tsv(folder / "train.tsv", [('he said "no" , then left', 0), ("NA", 1)])
     write_tsv(folder / "dev.tsv", DEV)
-    assert load_splits(DataConfig(source=str(folder))).train.texts == ['he said "no" , then left', "NA"]
+    assert read(DataConfig(source=str(folder))).train.texts == ['he said "no" , then left', "NA"]
 
 
 @pytest.mark.parametrize("suffix", ["csv", "jsonl", "parquet"])
@@ -49,7 +55,7 @@ def test_file_formats_with_custom_columns_and_label_names(tmp_path, suffix):
         else:
             frame.to_parquet(path)
     cfg = DataConfig(source=str(folder), text_column="text", label_column="sentiment", label_names=("neg", "pos"))
-    splits = load_splits(cfg)
+    splits = read(cfg)
     assert splits.train.texts == [s for s, _ in TRAIN]
     assert splits.train.labels.tolist() == [y for _, y in TRAIN]
     assert splits.eval.labels.tolist() == [y for _, y in DEV]
@@ -63,18 +69,18 @@ def test_save_to_disk_folder(tmp_path):
         }
     )
     dd.save_to_disk(str(tmp_path / "saved"))
-    splits = load_splits(DataConfig(source=str(tmp_path / "saved")))
+    splits = read(DataConfig(source=str(tmp_path / "saved")))
     assert splits.train.labels.tolist() == [1, 0, 1]
     assert splits.eval.texts == ["dull", "moving"]
 
 
 def test_same_content_same_fingerprint_and_order_matters(tmp_path):
-    a = load_splits(DataConfig(source=str(glue(tmp_path / "a"))))
-    b = load_splits(DataConfig(source=str(glue(tmp_path / "b"))))
+    a = read(DataConfig(source=str(glue(tmp_path / "a"))))
+    b = read(DataConfig(source=str(glue(tmp_path / "b"))))
     assert a.train.fingerprint == b.train.fingerprint
     write_tsv(tmp_path / "c" / "train.tsv", list(reversed(TRAIN)))
     write_tsv(tmp_path / "c" / "dev.tsv", DEV)
-    assert load_splits(DataConfig(source=str(tmp_path / "c"))).train.fingerprint != a.train.fingerprint
+    assert read(DataConfig(source=str(tmp_path / "c"))).train.fingerprint != a.train.fingerprint
 
 
 def test_builtin_sample_is_deterministic_and_balanced():
@@ -90,10 +96,44 @@ def test_max_examples_takes_a_stable_subset():
     full = load_splits(DataConfig(source="builtin:sentiment"))
     part = load_splits(DataConfig(source="builtin:sentiment", max_train_examples=100))
     again = load_splits(DataConfig(source="builtin:sentiment", max_train_examples=100))
-    assert len(part.train) == 100
+    assert len(part.train) + len(part.validation) == 100  # the validation split is carved after the limit
     assert part.train.fingerprint == again.train.fingerprint != full.train.fingerprint
-    assert set(part.train.texts) <= set(full.train.texts)
+    assert set(part.train.texts) <= set(full.train.texts + full.validation.texts)
     assert len(part.eval) == len(full.eval)
+
+
+def test_validation_is_carved_from_train_stratified_seeded_and_disjoint():
+    source = load_split(DataConfig(source="builtin:sentiment"), "train")
+    splits = load_splits(DataConfig(source="builtin:sentiment", validation_size=300))
+    assert len(splits.validation) == 300 and len(splits.train) == len(source) - 300
+    # Every training sentence lands on exactly one side (sentences can repeat, so count by position).
+    assert sorted(splits.train.texts + splits.validation.texts) == sorted(source.texts)
+    assert abs(splits.validation.labels.mean() - source.labels.mean()) < 0.01  # stratified by label
+    again = load_splits(DataConfig(source="builtin:sentiment", validation_size=300))
+    other = load_splits(DataConfig(source="builtin:sentiment", validation_size=300, split_seed=1))
+    assert again.validation.fingerprint == splits.validation.fingerprint != other.validation.fingerprint
+    share = load_splits(DataConfig(source="builtin:sentiment", validation_size=0.2))
+    assert len(share.validation) == round(0.2 * len(source))
+    assert splits.eval.texts == load_split(DataConfig(source="builtin:sentiment"), "validation").texts  # evaluation is untouched
+
+
+def test_a_named_validation_split(tmp_path):
+    folder = glue(tmp_path / "g")
+    write_tsv(folder / "val.tsv", [("fine", 1), ("flat", 0)])
+    splits = load_splits(DataConfig(source=str(folder), validation_split="val"))
+    assert splits.validation.texts == ["fine", "flat"] and splits.train.texts == [s for s, _ in TRAIN]
+
+
+@pytest.mark.parametrize(
+    ("settings", "fragments"),
+    [
+        ({"validation_size": 3000}, ("data.validation_size = 3000 leaves no training sentences", "fewer than the 3000 sentences")),
+        ({"validation_size": 1}, ("data.validation_size = 1 cannot be carved",)),
+        ({"validation_split": "val"}, ("data.validation_split = 'val' cannot be read", "has no split 'val'")),
+    ],
+)
+def test_bad_validation_settings_name_the_key(settings, fragments):
+    expect_error(DataConfig(source="builtin:sentiment", **settings), *fragments)
 
 
 def expect_error(cfg, *fragments):
