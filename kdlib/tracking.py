@@ -80,7 +80,10 @@ def child_run(run_name: str, role: str, tags: dict[str, str], finished_on: tuple
     """A run nested under the active one: FINISHED when the block ends or raises one of ``finished_on``
     (a pruned trial ended as planned), KILLED on Ctrl-C, FAILED otherwise. The parent stays open."""
     parent = mlflow.active_run()
-    run = mlflow.start_run(run_name=run_name, nested=True, tags={**tags, ROLE_TAG: role}, experiment_id=parent.info.experiment_id)
+    # The parent's project tags, read from the store: the active run's copy misses tags set after it started.
+    parent_tags = MlflowClient().get_run(parent.info.run_id).data.tags
+    inherited = {EXPERIMENT_TAG: parent_tags[EXPERIMENT_TAG]} if EXPERIMENT_TAG in parent_tags else {}
+    run = mlflow.start_run(run_name=run_name, nested=True, tags={**inherited, **tags, ROLE_TAG: role}, experiment_id=parent.info.experiment_id)
     status = "FAILED"
     try:
         yield run

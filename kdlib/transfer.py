@@ -77,8 +77,8 @@ def embedding_neighbours(tokenizer: PreTrainedTokenizerBase, embeddings: torch.T
 
 def augment(texts: list[str], cfg: TransferConfig, neighbours: dict[str, list[str]]) -> tuple[list[str], np.ndarray]:
     """``cfg.copies`` augmented copies of each text, minus copies equal to their text or to an
-    earlier copy: (copies, index of each copy's source text). Seeded per text, so a text's copies
-    do not depend on the other texts."""
+    earlier copy: (copies, index of each copy's source text). Seeded by (seed, position), so a
+    text's copies do not depend on what the other texts say."""
     copies, sources = [], []
     for index, text in enumerate(texts):
         rng = np.random.default_rng((cfg.seed, index))

@@ -105,12 +105,12 @@ class _Progress:
             return  # a surplus trial: nothing ran
         self.ran += 1
         done = finished(study)
-        outcome = {
-            TrialState.COMPLETE: f"finished: {registry.METRIC} {trial.value:.4f} ({registry.EVAL_METRIC} {trial.user_attrs[EVAL_ATTR]:.4f})"
-            if trial.value is not None
-            else "finished",
-            TrialState.PRUNED: f"pruned after epoch {trial.last_step}",
-        }.get(trial.state, trial.state.name.lower())
+        if trial.state == TrialState.COMPLETE:
+            outcome = f"finished: {registry.METRIC} {trial.value:.4f} ({registry.EVAL_METRIC} {trial.user_attrs[EVAL_ATTR]:.4f})"
+        elif trial.state == TrialState.PRUNED:
+            outcome = f"pruned after epoch {trial.last_step}"
+        else:
+            outcome = trial.state.name.lower()
         took = trial.duration.total_seconds() if trial.duration else 0.0
         eta = (time.perf_counter() - self.started) / self.ran * max(self.n_trials - done, 0)
         print(

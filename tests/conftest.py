@@ -153,24 +153,22 @@ def in_store(folder: Path):
         yield
 
 
-SWEPT = ["data.max_eval_examples=200", "train.epochs=2", "search.n_trials=4", "distill.train.epochs=2"]
+SWEPT = ["data.max_eval_examples=200", "train.epochs=2", "search.n_trials=4", "distill.train.epochs=2", "distill.transfer.copies=1"]
 
 
 @pytest.fixture(scope="session")
 def swept_store(tmp_path_factory):
-    """A smoke teacher, a plain (alpha = 0) student and a 4-trial sweep, once per session.
+    """A smoke teacher and a 4-trial sweep with a transfer set (which ends with its plain student), once per session.
 
     Tests that use it read its study and registry; those that log (evaluate, export, report) add
     their own runs, so they assert only on what they logged themselves.
     """
-    from kdlib.distill import run_distill
     from kdlib.teacher import run_teacher
     from search.sweep import run_sweep
 
     folder = tmp_path_factory.mktemp("swept")
     with in_store(folder):
         run_teacher(swept_config())
-        run_distill(swept_config("distill.alpha=0"))
         run_sweep(swept_config())
         while mlflow.active_run():
             mlflow.end_run()

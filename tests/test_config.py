@@ -50,6 +50,12 @@ def test_shipped_experiments_load():
         ("data.label_names=only", "data.label_names = ('only',) is out of range; expected at least two"),
         ("train=3", "train = '3' has the wrong type; expected a mapping"),
         ("distill.train=3", "distill.train = '3' has the wrong type; expected a mapping of its fields"),
+        ("distill.transfer.copies=-1", "distill.transfer.copies = -1 is out of range; expected an integer >= 0"),
+        ("distill.transfer.p_mask=1.5", "distill.transfer.p_mask = 1.5 is out of range; expected a probability in [0, 1]"),
+        ("distill.transfer.p_ngram=-0.1", "distill.transfer.p_ngram = -0.1 is out of range; expected a probability in [0, 1]"),
+        ("data.validation_size=0", "data.validation_size = 0.0 is out of range; expected a share in (0, 1) or a whole number of sentences >= 1"),
+        ("data.validation_size=2.5", "data.validation_size = 2.5 is out of range"),
+        ("data.validation_split=validation", "data.validation_split = 'validation' is out of range; expected a split other than eval_split"),
     ],
 )
 def test_bad_override_names_key_and_expectation(override, message):

@@ -63,6 +63,6 @@ def test_mlflow_run_without_experiment_name_prints_the_run_that_holds_the_result
     assert done.returncode == 0, done.stderr[-3000:]
     run = MlflowClient().get_run(printed_run_id(done))
     assert run.data.tags["kd.experiment"] == "smoke" and run.data.tags["kd.role"] == "teacher"
-    assert "dev_accuracy" in run.data.metrics and run.data.tags["kd.teacher_logits"]
+    assert "val_accuracy" in run.data.metrics and run.data.tags["kd.teacher_logits"]
     version = MlflowClient().get_model_version_by_alias("smoke-teacher", "champion")
     assert version.run_id == run.info.run_id

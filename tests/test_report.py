@@ -66,17 +66,26 @@ def test_report_figures_table_and_csv_hold_the_trials(in_swept, report):
     table = report.table.set_index("model")
     client = MlflowClient()
     teacher = client.get_model_version_by_alias("smoke-teacher", "champion")
-    assert table.loc["teacher", "dev_accuracy"] == round(client.get_run(teacher.run_id).data.metrics["dev_accuracy"], 4)
+    assert table.loc["teacher", "val_accuracy"] == round(client.get_run(teacher.run_id).data.metrics["val_accuracy"], 4)
     assert "plain student" in table.index
     best = sorted(complete, key=lambda t: t.value, reverse=True)
     for trial in best:
         row = table.loc[f"trial {trial.number}"]
-        assert row["dev_accuracy"] == round(trial.value, 4) and row["model_uri"] == trial.user_attrs["model_uri"]
+        assert row["val_accuracy"] == round(trial.value, 4) and row["model_uri"] == trial.user_attrs["model_uri"]
+        assert row["eval_accuracy"] == round(trial.user_attrs["eval_accuracy"], 4)
+        assert row["val_eval_gap"] == pytest.approx(row["val_accuracy"] - row["eval_accuracy"], abs=2e-4)
+    # The gain panel: teacher, plain student and best trial on both splits, and the gain the sweep logged.
+    gain = report.figures["gain"]
+    assert [trace.name.split()[0] for trace in gain.data] == ["validation", "evaluation"]
+    assert list(gain.data[0].x) == ["teacher", "plain student", f"trial {best[0].number}"]
+    assert list(gain.data[1].y) == [table.loc[m, "eval_accuracy"] for m in gain.data[1].x]
+    page = report.html.read_text(encoding="utf-8")
+    assert "Distillation gain on the evaluation split" in page and "McNemar" in page
     assert table["latency_batch1_p50_ms"].gt(0).all() and table["pareto_front"].any()
 
     csv = pd.read_csv(report.csv)
     assert list(csv["number"]) == [t.number for t in study.trials]
-    assert csv.loc[csv["state"] == "COMPLETE", "dev_accuracy"].tolist() == pytest.approx([t.value for t in complete])
+    assert csv.loc[csv["state"] == "COMPLETE", "val_accuracy"].tolist() == pytest.approx([t.value for t in complete])
 
     page = report.html.read_text()
     assert len(re.findall(r"plotly\.js v\d+\.\d+\.\d+", page)) == 1  # the library is embedded, once
@@ -112,11 +121,11 @@ def test_epoch_curves_mark_pruned_trials():
 
 def test_pareto_front():
     rows = [
-        ModelRow("teacher", "", "", 0.90, 10, 1.0, 8.0),
-        ModelRow("a", "", "", 0.85, 5, 1.0, 2.0),
-        ModelRow("b", "", "", 0.84, 5, 1.0, 3.0),  # slower and less accurate than a
-        ModelRow("c", "", "", 0.80, 5, 1.0, 1.0),
-        ModelRow("untimed", "", "", 0.99, 5, 1.0, None),
+        ModelRow("teacher", "", "", 0.90, 0.80, 10, 1.0, 8.0),
+        ModelRow("a", "", "", 0.85, 0.70, 5, 1.0, 2.0),
+        ModelRow("b", "", "", 0.84, 0.99, 5, 1.0, 3.0),  # slower and less accurate on validation than a (evaluation never decides)
+        ModelRow("c", "", "", 0.80, 0.60, 5, 1.0, 1.0),
+        ModelRow("untimed", "", "", 0.99, 0.99, 5, 1.0, None),
     ]
     assert pareto(rows) == {"teacher", "a", "c"}
 

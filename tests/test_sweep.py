@@ -75,7 +75,7 @@ def test_distill_needs_a_teacher_and_matching_logits(with_teacher, tmp_path):
     result, version, promoted = run_distill(config("distill.train.epochs=2"))
     assert promoted and version == "1"
     run = MlflowClient().get_run(result.run_id)
-    for metric in ("dev_accuracy", "dev_loss", "train_kd_loss", "train_ce_loss", "dev_agreement", "train_examples_per_s"):
+    for metric in ("val_accuracy", "val_loss", "train_kd_loss", "train_ce_loss", "val_agreement", "train_examples_per_s"):
         assert len(MlflowClient().get_metric_history(result.run_id, metric)) == 2, metric
     assert run.data.params["distill.temperature"] == "4.0"
     with pytest.raises(KDError, match="was made for other inputs .*train_fingerprint"):
@@ -97,7 +97,7 @@ def test_sweep_tracks_every_trial_prunes_and_registers_the_best(with_teacher):
     for run, trial in zip(runs, trials("smoke-sweep"), strict=True):
         assert run.info.status == "FINISHED"
         assert float(run.data.params["distill.alpha"]) == pytest.approx(trial.params["distill.alpha"])
-        epochs = len(client.get_metric_history(run.info.run_id, "dev_accuracy"))
+        epochs = len(client.get_metric_history(run.info.run_id, "val_accuracy"))
         models = mlflow.search_logged_models(
             experiment_ids=[run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'", output_format="list"
         )
@@ -108,12 +108,12 @@ def test_sweep_tracks_every_trial_prunes_and_registers_the_best(with_teacher):
         else:
             assert epochs == trial.params["distill.train.epochs"]
             (model,) = models  # its model, with every epoch's metrics linked to it
-            assert model.status.name == "READY" and sorted(m.step for m in model.metrics if m.key == "dev_accuracy") == list(range(1, epochs + 1))
+            assert model.status.name == "READY" and sorted(m.step for m in model.metrics if m.key == "val_accuracy") == list(range(1, epochs + 1))
 
     best = max((t for t in trials("smoke-sweep") if t.state == TrialState.COMPLETE), key=lambda t: t.value)
     assert result.best_value == best.value
     parent = client.get_run(result.run_id)
-    assert parent.data.metrics["best_dev_accuracy"] == pytest.approx(best.value)
+    assert parent.data.metrics["best_val_accuracy"] == pytest.approx(best.value)
     champion = client.get_model_version_by_alias("smoke-student", "champion")
     assert champion.run_id == best.user_attrs["mlflow_run_id"]
     assert parent.data.tags["champion.promoted"] == "true"
@@ -221,3 +221,51 @@ def test_two_local_workers_share_the_study_and_register_once(with_teacher, capsy
     assert len(sweeps) == 2 and sum("mlflow.parentRunId" not in r.data.tags for r in sweeps) == 1  # one tree
     (version,) = client.search_model_versions("name = 'smoke-student'")
     assert version.run_id == max(done, key=lambda t: t.value).user_attrs["mlflow_run_id"]
+
+
+def test_the_sweep_ends_with_its_plain_student_and_the_distillation_gain(in_swept):
+    """Trials chosen on validation, scored on evaluation; the best one's plain twin; the gain, recomputed here."""
+    from kdlib.data import load_splits
+    from kdlib.metrics import paired_gain
+    from tests.conftest import swept_config
+
+    client = MlflowClient()
+    ids = [e.experiment_id for e in client.search_experiments()]
+    (sweep,) = client.search_runs(ids, "tags.`kd.role` = 'sweep' and tags.`plain_student.run_id` != ''")
+    (plain,) = client.search_runs(ids, "tags.`kd.role` = 'plain-student'")
+    assert plain.data.tags["mlflow.parentRunId"] == sweep.info.run_id
+    best_trial = sweep.data.tags["distillation_gain.trial"]
+    (best,) = client.search_runs(ids, f"tags.`kd.role` = 'student-trial' and tags.`optuna.trial` = '{best_trial}'")
+    # The plain twin: distillation taken out, every other setting the best trial's.
+    assert float(plain.data.params["distill.alpha"]) == 0.0 and plain.data.params["distill.transfer.copies"] == "0"
+    assert best.data.params["distill.transfer.copies"] == "1" and "transfer.digest" in best.data.params
+    assert "transfer.digest" not in plain.data.params
+    for key in ("distill.temperature", "distill.train.learning_rate", "distill.train.epochs"):
+        assert plain.data.params[key] == best.data.params[key], key
+    # Each finished student: validation per epoch, evaluation once, the gap between them.
+    for run in (best, plain):
+        metrics = run.data.metrics
+        assert metrics["val_eval_gap"] == pytest.approx(metrics["val_accuracy"] - metrics["eval_accuracy"])
+        assert len(client.get_metric_history(run.info.run_id, "eval_accuracy")) == 1
+    gain = paired_gain(
+        np.load(mlflow.artifacts.download_artifacts(run_id=best.info.run_id, artifact_path="predictions/eval_logits.npy")),
+        np.load(mlflow.artifacts.download_artifacts(run_id=plain.info.run_id, artifact_path="predictions/eval_logits.npy")),
+        load_splits(swept_config().data).eval.labels,
+    )
+    metrics = sweep.data.metrics
+    assert metrics["distillation_gain"] == pytest.approx(best.data.metrics["eval_accuracy"] - plain.data.metrics["eval_accuracy"])
+    assert metrics["distillation_gain"] == pytest.approx(gain.difference)
+    assert metrics["distillation_gain_low"] <= metrics["distillation_gain"] <= metrics["distillation_gain_high"]
+    assert metrics["distillation_gain_p_value"] == pytest.approx(gain.p_value)
+    assert metrics["plain_eval_accuracy"] == plain.data.metrics["eval_accuracy"]
+    assert metrics["best_eval_accuracy"] == pytest.approx(best.data.metrics["eval_accuracy"])
+
+
+def test_a_resumed_sweep_keeps_its_plain_student(with_teacher, capsys):
+    first = run_sweep(config("n_trials=2", "distill.train.epochs=1", "search.space.distill.train.epochs=null"))
+    again = run_sweep(config("n_trials=2", "distill.train.epochs=1", "search.space.distill.train.epochs=null"))
+    assert again.baseline.run_id == first.baseline.run_id  # the best trial did not change: nothing retrained
+    assert again.baseline.gain == first.baseline.gain
+    assert "distillation_gain" in capsys.readouterr().out
+    off = run_sweep(config("n_trials=1", "study_name=no-baseline", "search.plain_baseline=false"))
+    assert off.baseline is None

@@ -38,7 +38,7 @@ def test_mlflow_run_teacher_registers_caches_logits_and_predicts(tmp_path):
     done = mlflow_run(tmp_path, "teacher", *FAST)
     assert done.returncode == 0, done.stderr[-3000:]
     # Not a terminal: one progress line per epoch instead of a bar.
-    assert re.search(r"^teacher: epoch 2/2: \d+ steps, train_loss [\d.]+, dev_accuracy [\d.]+, .*examples/s, elapsed .*, ETA", done.stdout, re.M), (
+    assert re.search(r"^teacher: epoch 2/2: \d+ steps, train_loss [\d.]+, val_accuracy [\d.]+, .*examples/s, elapsed .*, ETA", done.stdout, re.M), (
         done.stdout
     )
 
@@ -49,16 +49,17 @@ def test_mlflow_run_teacher_registers_caches_logits_and_predicts(tmp_path):
     assert client.get_experiment(run.info.experiment_id).name == "smoke"  # not "Default"
     assert run.info.status == "FINISHED"
     assert run.data.params["train.epochs"] == "2"  # the -P override reached the job
-    history = client.get_metric_history(run.info.run_id, "dev_accuracy")
+    history = client.get_metric_history(run.info.run_id, "val_accuracy")
     assert [m.step for m in history] == [1, 2]
     # MLflow 3: the final metrics are linked to the logged model, the data splits are the run's inputs.
     model_id = version.source.removeprefix("models:/")
-    assert mlflow.get_logged_model(model_id).metrics and {m.key for m in mlflow.get_logged_model(model_id).metrics} >= {"dev_accuracy", "dev_loss"}
+    assert mlflow.get_logged_model(model_id).metrics and {m.key for m in mlflow.get_logged_model(model_id).metrics} >= {"val_accuracy", "val_loss"}
     assert {(i.dataset.name, i.tags[0].value) for i in run.inputs.dataset_inputs} == {
         ("builtin:sentiment:train", "training"),
+        ("builtin:sentiment:train[validation]", "validation"),
         ("builtin:sentiment:validation", "evaluation"),
     }
-    assert {"train_loss", "dev_loss", "train_examples_per_s"} <= set(run.data.metrics)
+    assert {"train_loss", "val_loss", "train_examples_per_s"} <= set(run.data.metrics)
     assert run.data.tags["champion.promoted"] == "true"
 
     # The cached logits: keyed by this version and the data, one row per example, eval mode.
@@ -69,10 +70,16 @@ def test_mlflow_run_teacher_registers_caches_logits_and_predicts(tmp_path):
     splits = load_splits(cfg.data)
     assert key["teacher_version"] == str(version.version)
     assert key["train_fingerprint"] == splits.train.fingerprint
-    logits = np.load(f"{folder}/logits.npz")
-    assert logits["train"].shape == (len(splits.train), 2)
-    dev_accuracy = float((logits["dev"].argmax(1) == splits.eval.labels).mean())
-    assert dev_accuracy == pytest.approx(run.data.metrics["dev_accuracy"], abs=1e-6)
+    assert key["validation_fingerprint"] == splits.validation.fingerprint and key["eval_fingerprint"] == splits.eval.fingerprint
+    logits = np.load(f"{folder}/arrays.npz")
+    assert logits["train"].shape == (len(splits.train), 2) and logits["validation"].shape == (len(splits.validation), 2)
+    # Chosen on validation, scored once on evaluation, both logged, and the gap between them.
+    val_accuracy = float((logits["validation"].argmax(1) == splits.validation.labels).mean())
+    eval_accuracy = float((logits["eval"].argmax(1) == splits.eval.labels).mean())
+    assert val_accuracy == pytest.approx(run.data.metrics["val_accuracy"], abs=1e-6)
+    assert eval_accuracy == pytest.approx(run.data.metrics["eval_accuracy"], abs=1e-6)
+    assert run.data.metrics["val_eval_gap"] == pytest.approx(val_accuracy - eval_accuracy, abs=1e-6)
+    assert version.tags["eval_accuracy"] == f"{eval_accuracy:.4f}"
 
     model = mlflow.pyfunc.load_model("models:/smoke-teacher@champion")
     predictions = model.predict(["a gorgeous, witty film", "a tedious mess"])
@@ -80,7 +87,7 @@ def test_mlflow_run_teacher_registers_caches_logits_and_predicts(tmp_path):
     assert set(predictions["label"]) <= {"negative", "positive"}
     # On raw dev sentences the registered model reproduces the run's own dev logits.
     on_dev = model.predict(splits.eval.texts[:64])
-    expected = np.exp(logits["dev"][:64]) / np.exp(logits["dev"][:64]).sum(1, keepdims=True)
+    expected = np.exp(logits["eval"][:64]) / np.exp(logits["eval"][:64]).sum(1, keepdims=True)
     assert np.allclose(on_dev[["prob_negative", "prob_positive"]].to_numpy(), expected, atol=1e-4)
     assert on_dev["label"].tolist() == [["negative", "positive"][i] for i in expected.argmax(1)]
     assert np.allclose(on_dev["score"], expected.max(1), atol=1e-4)
@@ -92,14 +99,14 @@ def test_the_launcher_run_holds_the_results_in_any_experiment(monkeypatch):
     monkeypatch.setenv("MLFLOW_RUN_ID", launcher)
     monkeypatch.setattr(tracking, "_launcher_used", None)
     with tracking.job_run("smoke", "teacher") as run:
-        tracking.log_metrics({"dev_accuracy": 0.5})
+        tracking.log_metrics({"val_accuracy": 0.5})
     # A second job of the same command (main: teacher, then sweep) nests under the printed run.
     with tracking.job_run("smoke", "sweep") as second:
         pass
     client = MlflowClient()
     assert run.info.run_id == launcher
     held = client.get_run(launcher)
-    assert held.data.metrics["dev_accuracy"] == 0.5
+    assert held.data.metrics["val_accuracy"] == 0.5
     assert held.data.tags["kd.experiment"] == "smoke" and held.data.tags["kd.role"] == "teacher"
     assert held.info.status == "FINISHED"
     child = client.get_run(second.info.run_id)
@@ -112,7 +119,7 @@ def test_worse_teacher_leaves_the_champion_alias(tmp_path):
     good = teacher_job.run_teacher(build_config(SMOKE, parse_overrides(FAST)))
     worse = teacher_job.run_teacher(build_config(SMOKE, parse_overrides(FAST + ["train.epochs=1", "train.learning_rate=1e-6"])))
     assert good.promoted and not worse.promoted
-    assert worse.dev_accuracy < good.dev_accuracy
+    assert worse.val_accuracy < good.val_accuracy
     client = MlflowClient()
     assert str(client.get_model_version_by_alias("smoke-teacher", "champion").version) == good.version
     assert worse.version != good.version  # still registered, just not the champion

@@ -35,19 +35,19 @@ def test_learns_and_reports_every_epoch(tmp_path):
     result, clf, dev = run(tmp_path, on_epoch_end=lambda epoch, m: seen.append((epoch, m)))
     assert [e for e, _ in seen] == [1, 2, 3]
     for _, metrics in seen:
-        assert {"train_loss", "dev_accuracy", "dev_loss", "train_examples_per_s"} <= set(metrics)
+        assert {"train_loss", "val_accuracy", "val_loss", "train_examples_per_s"} <= set(metrics)
         assert all(math.isfinite(v) for v in metrics.values())
     assert seen[-1][1]["train_loss"] < seen[0][1]["train_loss"]
-    assert seen[-1][1]["dev_accuracy"] > 0.7  # the demo task: chance is ~0.5
+    assert seen[-1][1]["val_accuracy"] > 0.7  # the demo task: chance is ~0.5
     # The returned model is unwrapped and in agreement with the last evaluation.
     logits = predict_logits(result.model, batching.eval_loader(dev, clf.tokenizer.pad_token_id, 64), make_accelerator("no"))
-    assert classification_metrics(logits, dev.labels)["accuracy"] == pytest.approx(seen[-1][1]["dev_accuracy"])
+    assert classification_metrics(logits, dev.labels)["accuracy"] == pytest.approx(seen[-1][1]["val_accuracy"])
 
 
 def test_same_seed_same_result(tmp_path):
     a, _, _ = run(tmp_path)
     b, _, _ = run(tmp_path)
-    assert [m["dev_loss"] for m in a.history] == [m["dev_loss"] for m in b.history]
+    assert [m["val_loss"] for m in a.history] == [m["val_loss"] for m in b.history]
 
 
 def test_bf16_and_accumulation_run(tmp_path):
