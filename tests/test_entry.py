@@ -66,3 +66,21 @@ def test_mlflow_run_without_experiment_name_prints_the_run_that_holds_the_result
     assert "val_accuracy" in run.data.metrics and run.data.tags["kd.teacher_logits"]
     version = MlflowClient().get_model_version_by_alias("smoke-teacher", "champion")
     assert version.run_id == run.info.run_id
+
+
+def test_bad_split_and_transfer_settings_stop_with_one_line_before_any_run(capsys):
+    """Each refusal: exit status 2, one line naming the key and what was expected, nothing logged or registered."""
+    cases = [
+        (["distill.transfer.copies=-1"], "distill.transfer.copies = -1 is out of range; expected an integer >= 0"),
+        (["distill.transfer.p_replace=1.2"], "distill.transfer.p_replace = 1.2 is out of range; expected a probability in [0, 1]"),
+        (["data.validation_size=0"], "data.validation_size = 0.0 is out of range"),
+        (["data.validation_size=5000"], "data.validation_size = 5000 leaves no training sentences; expected fewer than the 3000 sentences"),
+        (["data.validation_split=holdout"], "data.validation_split = 'holdout' cannot be read: data: builtin:sentiment has no split 'holdout'"),
+    ]
+    for overrides, message in cases:
+        assert entry.main(["teacher", "--experiment", str(SMOKE), *overrides]) == 2, overrides
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
+    client = MlflowClient()
+    assert client.search_experiments(filter_string="name = 'smoke'") == []
+    assert client.search_registered_models() == []
