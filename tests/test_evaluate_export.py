@@ -73,10 +73,13 @@ def test_evaluate_bf16_and_the_teacher_itself(in_swept):
 
 def test_export_reproduces_pytorch_and_serves_raw_strings(in_swept, exported):
     assert exported.max_abs_diff <= 1e-4
-    assert exported.accuracy["fp32"] == exported.accuracy["pytorch"]
+    assert exported.accuracy["fp32"] == exported.accuracy["pytorch"] == exported.accuracy["optimized"]
     assert abs(exported.accuracy["int8"] - exported.accuracy["fp32"]) <= 0.05
+    # ONNX Runtime's fusions took hold of the BERT graph: attention, LayerNorms, GELU.
+    assert {"Attention", "SkipLayerNormalization", "BiasGelu"} <= set(exported.fused), exported.fused
     texts = load_split(swept_config().data, "validation", 200).texts
     assert (labels_from_pyfunc(exported.model_uris["fp32"], texts) == labels_from_pyfunc(STUDENT, texts)).all()
+    assert (labels_from_pyfunc(exported.model_uris["optimized"], texts) == labels_from_pyfunc(STUDENT, texts)).all()
     frame = mlflow.pyfunc.load_model(exported.model_uris["int8"]).predict(["a gorgeous, witty film", "a dull mess"])
     assert list(frame.columns) == ["label", "score", "prob_negative", "prob_positive"] and len(frame) == 2
     np.testing.assert_allclose(frame["prob_negative"] + frame["prob_positive"], 1.0, rtol=1e-6)
@@ -88,6 +91,7 @@ def test_export_reproduces_pytorch_and_serves_raw_strings(in_swept, exported):
     assert champion.tags["kd.onnx_export_run"] == exported.run_id
     assert run.data.metrics["max_abs_logit_diff"] == pytest.approx(exported.max_abs_diff)
     assert run.data.metrics["onnx_int8_accuracy"] == pytest.approx(exported.accuracy["int8"])
+    assert run.data.metrics["fused.Attention"] == exported.fused["Attention"] >= 1
     if exported.tensorrt != "built":
         assert run.data.tags["kd.tensorrt"].startswith("skipped: tensorrt is not importable")
 
