@@ -127,6 +127,7 @@ class TrainConfig:
     mixed_precision: auto (bf16 where the hardware runs it natively, fp16 on a CUDA GPU without bf16, else fp32), bf16, fp16 (CUDA only) or no
     seed: seed of the shuffling and of the fresh classifier head
     log_every: steps between host reads of the running loss (the loop syncs with the device only then)
+    freeze_word_embeddings: keep the word-embedding table as loaded: no gradient, no optimizer state, no update (most of a small student's parameters)
     """
 
     learning_rate: float = 2e-5
@@ -140,6 +141,7 @@ class TrainConfig:
     mixed_precision: str = "auto"
     seed: int = 42
     log_every: int = 50
+    freeze_word_embeddings: bool = False
 
     def __post_init__(self) -> None:
         _check(self.learning_rate > 0, "learning_rate", "a number > 0", self.learning_rate)

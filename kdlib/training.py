@@ -129,6 +129,8 @@ def fit(
     ``label`` starts each progress line (e.g. "teacher: ", "trial 3: ").
     """
     set_seed(cfg.seed)
+    if cfg.freeze_word_embeddings:
+        model.get_input_embeddings().weight.requires_grad_(False)
     accelerator = make_accelerator(cfg.mixed_precision, cfg.grad_accum_steps)
     sampler = train_loader.batch_sampler
     optimizer = _optimizer(model, cfg, accelerator.device)

@@ -81,3 +81,18 @@ def test_fp16_needs_cuda():
         pytest.skip("this machine has CUDA")
     with pytest.raises(KDError, match="'fp16' needs a CUDA GPU"):
         make_accelerator("fp16")
+
+
+def test_frozen_word_embeddings_stay_as_loaded_while_the_rest_trains(tmp_path):
+    splits = demo_splits(max_train=300, max_eval=50)
+    clf = tiny_classifier(splits.train.texts)
+    before = {name: p.detach().clone() for name, p in clf.model.named_parameters()}
+    train = batching.encode(splits.train, clf.tokenizer, 64, tmp_path)
+    pad = clf.tokenizer.pad_token_id
+    cfg = TrainConfig(**{**CFG.__dict__, "epochs": 1, "freeze_word_embeddings": True})
+    result = fit(clf.model, batching.train_loader(train, pad, 16, 0), batching.eval_loader(train, pad, 64), lambda logits: {"accuracy": 0.0, "loss": 0.0}, cfg)
+    after = dict(result.model.named_parameters())
+    words = "bert.embeddings.word_embeddings.weight"
+    assert torch.equal(after[words], before[words])
+    assert not torch.equal(after["bert.embeddings.position_embeddings.weight"], before["bert.embeddings.position_embeddings.weight"])
+    assert not torch.equal(after["classifier.weight"], before["classifier.weight"])
