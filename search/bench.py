@@ -20,16 +20,22 @@ from kdlib.config import ExperimentConfig
 OUT = Path("outputs") / "bench"
 
 
-def trial_throughput(sweep_run_id: str) -> tuple[float, float, int]:
-    """(training examples, training seconds, epochs) summed over the sweep's trial runs."""
-    examples, seconds, epochs = 0.0, 0.0, 0
+def trial_throughput(sweep_run_id: str) -> tuple[float, float, float]:
+    """(training examples, training seconds, training FLOPs) summed over the sweep's trial runs.
+
+    FLOPs count 6 per non-embedding parameter per token (forward and backward) over each epoch a
+    trial ran, with that trial's own tokens (a transfer set multiplies them).
+    """
+    examples, seconds, flops = 0.0, 0.0, 0.0
     for run in tracking.child_runs(sweep_run_id, registry.Role.TRIAL):
+        params = run.data.params
+        per_epoch = 6 * int(params["non_embedding_parameters"]) * int(params["train_tokens"])
         rates = tracking.metric_history(run.info.run_id, "train_examples_per_s")
         for step, spent in tracking.metric_history(run.info.run_id, "train_seconds").items():
             seconds += spent
             examples += rates[step] * spent
-            epochs += 1
-    return examples, seconds, epochs
+            flops += per_epoch
+    return examples, seconds, flops
 
 
 def transfer_cost(sweep_run_id: str) -> float:
@@ -44,13 +50,11 @@ def transfer_cost(sweep_run_id: str) -> float:
 
 def summarize(cfg: ExperimentConfig, peaks: dict[str, float], wall_s: dict[str, float], teacher, sweep) -> dict:
     """The bench's figures from the teacher and sweep jobs' results."""
-    examples, seconds, epochs = trial_throughput(sweep.run_id)
+    examples, seconds, flops = trial_throughput(sweep.run_id)
     plain = sweep.baseline
     student = tracking.get_run(plain.run_id).data.params  # what every student logs about its data and size
     labelling = transfer_cost(sweep.run_id)
-    # Forward + backward of a transformer: ~6 FLOPs per non-embedding parameter per token.
-    student_flops = 6 * int(student["non_embedding_parameters"]) * int(student["train_tokens"]) * epochs
-    achieved = student_flops / seconds if seconds else 0.0
+    achieved = flops / seconds if seconds else 0.0
     epochs_range = cfg.search.space.get("distill.train.epochs")
     results = {
         "experiment": cfg.name,
