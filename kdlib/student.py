@@ -47,16 +47,12 @@ class StudentData:
     encoded: dict[str, batching.Encoded]  # split -> the student's token ids
     workdir: str  # outlives every trial of this process: the teacher's files are read from here
     teacher: Classifier | None = None  # loaded when the student is cut from it or a transfer set is labelled
-    transfers: dict[TransferConfig, TransferData | None] = field(default_factory=dict)
+    transfers: dict[TransferConfig, TransferData] = field(default_factory=dict)  # per transfer setting, made or fetched once
 
 
-def _load_teacher(cfg: ExperimentConfig, data: StudentData) -> Classifier:
-    if data.teacher is None:
-        folder = registry.fetch_model(f"models:/{data.teacher_name}/{data.teacher_version}", data.workdir).folder
-        data.teacher = load_classifier(
-            "teacher", ModelConfig(name_or_path=str(folder)), cfg.data.label_names, [], cfg.data.max_length, cfg.distill.train.seed
-        )
-    return data.teacher
+def _fetch_teacher(cfg: ExperimentConfig, name: str, version: str, workdir: str) -> Classifier:
+    folder = registry.fetch_model(f"models:/{name}/{version}", workdir).folder
+    return load_classifier("teacher", ModelConfig(name_or_path=str(folder)), cfg.data.label_names, [], cfg.data.max_length, cfg.distill.train.seed)
 
 
 def prepare(cfg: ExperimentConfig, workdir: str) -> StudentData:
@@ -77,12 +73,13 @@ def prepare(cfg: ExperimentConfig, workdir: str) -> StudentData:
         "teacher logits cache",
         "rerun the teacher entry point on this data (same data.source, splits, validation settings and max_*_examples)",
     )
-    data = StudentData(splits, name, str(version.version), version.run_id, logits, None, {}, workdir)  # type: ignore[arg-type]
-    if cfg.student.teacher_layers:
-        data.template = cut_from_teacher(_load_teacher(cfg, data), cfg.student.teacher_layers)
+    teacher = _fetch_teacher(cfg, name, str(version.version), workdir) if cfg.student.teacher_layers else None
+    if teacher is not None:
+        template = cut_from_teacher(teacher, cfg.student.teacher_layers)
     else:
-        data.template = load_classifier("student", cfg.student, cfg.data.label_names, splits.train.texts, cfg.data.max_length, cfg.distill.train.seed)
-    data.encoded = {split: batching.encode(getattr(splits, split), data.template.tokenizer, cfg.data.max_length, cfg.cache_dir) for split in SPLITS}
+        template = load_classifier("student", cfg.student, cfg.data.label_names, splits.train.texts, cfg.data.max_length, cfg.distill.train.seed)
+    encoded = {split: batching.encode(getattr(splits, split), template.tokenizer, cfg.data.max_length, cfg.cache_dir) for split in SPLITS}
+    data = StudentData(splits, name, str(version.version), version.run_id, logits, template, encoded, workdir, teacher)
     transfer_data(cfg, data)  # made (or fetched) once here, before any trial or second worker needs it
     return data
 
@@ -97,7 +94,9 @@ def transfer_data(cfg: ExperimentConfig, data: StudentData) -> TransferData | No
         set_key = transfer.key(data.teacher_name, data.teacher_version, data.splits.train.fingerprint, settings, cfg.data.max_length)
 
         def make():
-            teacher = _load_teacher(cfg, data)
+            if data.teacher is None:
+                data.teacher = _fetch_teacher(cfg, data.teacher_name, data.teacher_version, data.workdir)
+            teacher = data.teacher
             pad = teacher.tokenizer.pad_token_id
             accelerator = make_accelerator(cfg.train.mixed_precision)  # the teacher's own precision
             print(f"students: labelling a transfer set of {settings.copies} copies per sentence with the teacher", flush=True)
