@@ -63,7 +63,8 @@ def safe_url(url: str) -> str:
 
 
 def check_store(study: optuna.Study) -> None:
-    """Tie the study to this MLflow store; refuse it if its runs and models live in another."""
+    """Tie the study to this MLflow store; refuse it if its runs and models live in another, or if
+    its trials were chosen on the evaluation split by an earlier version."""
     here = tracking.tracking_uri()
     recorded = study.user_attrs.get(STORE_ATTR)
     if recorded is None:
@@ -72,6 +73,12 @@ def check_store(study: optuna.Study) -> None:
         raise KDError(
             f"search.storage: study {study.study_name!r} belongs to the MLflow store {recorded}, not {here}; "
             "point MLFLOW_TRACKING_URI at that store, or give this store its own study (search.study_name or search.storage)"
+        )
+    unscored = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if EVAL_ATTR not in t.user_attrs]
+    if unscored:
+        raise KDError(
+            f"search.study_name: study {study.study_name!r} holds trials chosen on the evaluation split (trials {unscored[:5]}, "
+            "made before validation and evaluation were separate); expected a study of this version: give the sweep a new search.study_name"
         )
 
 

@@ -269,3 +269,14 @@ def test_a_resumed_sweep_keeps_its_plain_student(with_teacher, capsys):
     assert "distillation_gain" in capsys.readouterr().out
     off = run_sweep(config("n_trials=1", "study_name=no-baseline", "search.plain_baseline=false"))
     assert off.baseline is None
+
+
+def test_a_study_chosen_on_the_evaluation_split_is_not_resumed(with_teacher):
+    """A study from before validation and evaluation were separate holds dev-chosen values: one line, no run."""
+    store, _ = make_storage(default_storage())
+    old = optuna.create_study(study_name="smoke-sweep", storage=store, direction="maximize")
+    old.add_trial(optuna.trial.create_trial(params={}, distributions={}, value=0.9))  # no eval_accuracy attribute
+    with pytest.raises(KDError, match=r"study 'smoke-sweep' holds trials chosen on the evaluation split \(trials \[0\]"):
+        run_sweep(config("n_trials=2"))
+    client = MlflowClient()
+    assert not client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.`kd.role` = 'sweep'")
