@@ -90,7 +90,9 @@ def test_frozen_word_embeddings_stay_as_loaded_while_the_rest_trains(tmp_path):
     train = batching.encode(splits.train, clf.tokenizer, 64, tmp_path)
     pad = clf.tokenizer.pad_token_id
     cfg = TrainConfig(**{**CFG.__dict__, "epochs": 1, "freeze_word_embeddings": True})
-    result = fit(clf.model, batching.train_loader(train, pad, 16, 0), batching.eval_loader(train, pad, 64), lambda logits: {"accuracy": 0.0, "loss": 0.0}, cfg)
+    result = fit(
+        clf.model, batching.train_loader(train, pad, 16, 0), batching.eval_loader(train, pad, 64), lambda logits: {"accuracy": 0.0, "loss": 0.0}, cfg
+    )
     after = dict(result.model.named_parameters())
     words = "bert.embeddings.word_embeddings.weight"
     assert torch.equal(after[words], before[words])
