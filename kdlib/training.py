@@ -59,7 +59,7 @@ def make_accelerator(mixed_precision: str, grad_accum_steps: int = 1) -> Acceler
     return Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=grad_accum_steps)
 
 
-def _optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     # No weight decay on biases and LayerNorm weights, as in BERT's original recipe.
     decay, no_decay = [], []
     for param in model.parameters():
@@ -133,7 +133,7 @@ def fit(
         model.get_input_embeddings().weight.requires_grad_(False)
     accelerator = make_accelerator(cfg.mixed_precision, cfg.grad_accum_steps)
     sampler = train_loader.batch_sampler
-    optimizer = _optimizer(model, cfg, accelerator.device)
+    optimizer = make_optimizer(model, cfg, accelerator.device)
     updates_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum_steps)
     total = updates_per_epoch * cfg.epochs
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total), total)
