@@ -153,10 +153,18 @@ def check_sweep(optuna_url: str, study_name: str, n_trials: int) -> optuna.Study
     return study
 
 
-def four_workers_one_killed(tmp_path: Path, server: TrackingServer, optuna_url: str, study_name: str, seed: int) -> dict:
+def four_workers_one_killed(tmp_path: Path, server: TrackingServer, optuna_url: str, study_name: str, seed: int, *extra: str) -> dict:
     n_trials = 8
     rng = random.Random(seed)
-    command = ["sweep", *SWEEP, f"n_trials={n_trials}", f"storage={optuna_url}", f"study_name={study_name}", f"output_dir={tmp_path / 'report'}"]
+    command = [
+        "sweep",
+        *SWEEP,
+        *extra,
+        f"n_trials={n_trials}",
+        f"storage={optuna_url}",
+        f"study_name={study_name}",
+        f"output_dir={tmp_path / 'report'}",
+    ]
     started = time.perf_counter()
     workers = [job(tmp_path, server, *command, f"seed={seed * 10 + i}") for i in range(4)]
     victim = rng.choice(workers)
@@ -172,9 +180,18 @@ def four_workers_one_killed(tmp_path: Path, server: TrackingServer, optuna_url: 
 def test_four_workers_on_a_tracking_server_one_killed_then_every_job(servers, tmp_path):
     server, optuna_url = servers
     finish(job(tmp_path, server, "teacher", *FAST))  # its logits go up through the server's artifact proxy
-    four_workers_one_killed(tmp_path, server, optuna_url, "smoke-sweep", seed=0)
+    four_workers_one_killed(tmp_path, server, optuna_url, "smoke-sweep", 0, "distill.transfer.copies=1")
 
     client = MlflowClient()
+    # One transfer set, labelled and stored on the teacher's run through the server, read by every trial.
+    (teacher,) = [r for r in all_runs() if r.data.tags.get("kd.role") == "teacher"]
+    (stored,) = client.list_artifacts(teacher.info.run_id, "transfer_sets")
+    trials = [r for r in all_runs() if r.data.tags.get("kd.role") == "student-trial" and r.info.status == "FINISHED"]
+    assert {r.data.params["transfer.digest"] for r in trials} == {stored.path.rpartition("/")[2]}
+    # The sweep ended with the best trial's plain twin and logged the gain on a sweep run.
+    gains = [r.data.metrics["distillation_gain"] for r in all_runs() if "distillation_gain" in r.data.metrics]
+    assert gains and all(-1 <= g <= 1 for g in gains)
+    assert any(r.data.tags.get("kd.role") == "plain-student" and r.info.status == "FINISHED" for r in all_runs())
     (version,) = client.search_model_versions("name = 'smoke-student'")  # every worker registered it: one version
     assert client.get_model_version_by_alias("smoke-student", "champion").version == version.version
     assert version.tags["optuna.trial"] and version.description.startswith("Best trial")
