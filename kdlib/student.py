@@ -11,7 +11,10 @@ only labels a transfer set, once per set of settings, and the set is cached on i
 from __future__ import annotations
 
 import copy
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -93,26 +96,41 @@ def transfer_data(cfg: ExperimentConfig, data: StudentData) -> TransferData | No
     if settings not in data.transfers:
         set_key = transfer.key(data.teacher_name, data.teacher_version, data.splits.train.fingerprint, settings, cfg.data.max_length)
 
-        def make():
+        def make() -> transfer.TransferSet:
             if data.teacher is None:
                 data.teacher = _fetch_teacher(cfg, data.teacher_name, data.teacher_version, data.workdir)
             teacher = data.teacher
-            pad = teacher.tokenizer.pad_token_id
             accelerator = make_accelerator(cfg.train.mixed_precision)  # the teacher's own precision
-            print(f"students: labelling a transfer set of {settings.copies} copies per sentence with the teacher", flush=True)
-            return transfer.make(
-                settings,
-                data.splits.train,
-                teacher,
-                cfg.data.max_length,
-                lambda model, encoded: predict_logits(model, batching.eval_loader(encoded, pad, cfg.train.eval_batch_size), accelerator),
-                cfg.cache_dir,
-            )
 
-        made = transfer.cached(data.teacher_run_id, set_key, data.workdir, make)
+            def label(texts: list[str]) -> np.ndarray:
+                encoded = batching.encode(transfer.as_split(texts, teacher.tokenizer), teacher.tokenizer, cfg.data.max_length, cfg.cache_dir)
+                loader = batching.eval_loader(encoded, teacher.tokenizer.pad_token_id, cfg.train.eval_batch_size)
+                return predict_logits(teacher.model, loader, accelerator)
+
+            print(f"students: labelling a transfer set of {settings.copies} copies per sentence with the teacher", flush=True)
+            return transfer.make(settings, data.splits.train, teacher, label)
+
+        made = _cached_transfer_set(data.teacher_run_id, set_key, data.workdir, make)
         encoded = batching.encode(transfer.as_split(made.texts, data.template.tokenizer), data.template.tokenizer, cfg.data.max_length, cfg.cache_dir)
         data.transfers[settings] = TransferData(encoded, made.logits, made.info)
     return data.transfers[settings]
+
+
+def _cached_transfer_set(teacher_run_id: str, set_key: dict, workdir: str, make: Callable[[], transfer.TransferSet]) -> transfer.TransferSet:
+    """The transfer set stored under ``set_key`` on the teacher's run; made with ``make()`` and stored
+    there first if there is none. Sets are deterministic, so two workers making one at once write
+    the same files."""
+    path = f"{transfer.ARTIFACT_DIR}/{logits_cache.digest(set_key)}"
+    if not tracking.artifact_exists(teacher_run_id, path):
+        made = make()
+        with tempfile.TemporaryDirectory() as tmp:
+            texts = np.asarray(made.texts, dtype=np.str_)
+            folder = logits_cache.write(Path(tmp), set_key, {"texts": texts, "logits": made.logits}, made.info)
+            tracking.log_folder_to(teacher_run_id, folder, path)
+        return transfer.TransferSet(made.texts, made.logits, {**made.info, "digest": folder.name})
+    hint = "delete that artifact of the teacher's run, or change distill.transfer.seed, to make a new one"
+    arrays, info = logits_cache.read(tracking.download_run_artifact(teacher_run_id, path, workdir), set_key, "transfer-set cache", hint)
+    return transfer.TransferSet(arrays["texts"].tolist(), arrays["logits"], {**info, "digest": path.rpartition("/")[2]})
 
 
 def student_metrics(logits: np.ndarray, labels: np.ndarray, teacher_logits: np.ndarray) -> dict[str, float]:

@@ -9,21 +9,20 @@ teacher's own input embeddings, so no extra model is needed. A copy has no trust
 Texts are stored with ``MASK`` where a word was masked; each model reads its own mask token there
 (``[MASK]`` for BERT, ``<mask>`` for MPNet), which is what lets a student with another tokenizer
 learn from the same set. A labelled set is cached as an artifact of the teacher's run, keyed by
-the teacher version, the training data's fingerprint and every augmentation setting.
+the teacher version, the training data's fingerprint and every augmentation setting
+(``kdlib/student.py`` keeps that cache; this module only makes sets).
 """
 
 from __future__ import annotations
 
-import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from kdlib import batching, logits_cache, tracking
 from kdlib.config import TransferConfig
 from kdlib.data import TextSplit, fingerprint
 from kdlib.losses import NO_LABEL
@@ -40,7 +39,7 @@ QUERY_CHUNK = 2048  # query words per similarity product: bounds memory at chunk
 class TransferSet:
     texts: list[str]  # with MASK placeholders
     logits: np.ndarray  # the teacher's, [n, labels]
-    info: dict  # examples, label_flip_rate, label_seconds, digest
+    info: dict  # examples, label_flip_rate, augment_seconds, label_seconds (and digest, once cached)
 
 
 def _word_tokens(tokenizer: PreTrainedTokenizerBase) -> dict[str, int]:
@@ -130,18 +129,15 @@ def key(teacher_model: str, teacher_version: str, train_fingerprint: str, cfg: T
     }
 
 
-def make(cfg: TransferConfig, train: TextSplit, teacher: Classifier, max_length: int, predict, cache_dir: str) -> tuple[list[str], np.ndarray, dict]:
-    """Augment ``train`` and label the copies with ``teacher``: (texts, teacher logits, info).
-
-    ``predict(model, loader)`` returns the teacher's logits in example order.
-    """
+def make(cfg: TransferConfig, train: TextSplit, teacher: Classifier, label: Callable[[list[str]], np.ndarray]) -> TransferSet:
+    """Augment ``train`` and label the copies: ``label(texts)`` returns the teacher's logits [n, labels]
+    for texts as the teacher's tokenizer reads them (see ``as_split``)."""
     started = time.perf_counter()
     words = {w.lower() for text in train.texts for w in text.split()}
     embeddings = teacher.model.get_input_embeddings().weight.detach()
     texts, sources = augment(train.texts, cfg, embedding_neighbours(teacher.tokenizer, embeddings, words, cfg.neighbours))
     augmented = time.perf_counter()
-    encoded = batching.encode(as_split(texts, teacher.tokenizer), teacher.tokenizer, max_length, cache_dir)
-    logits = predict(teacher.model, encoded)
+    logits = label(texts)
     flips = float((logits.argmax(-1) != train.labels[sources]).mean()) if len(texts) else 0.0
     info = {
         "examples": len(texts),
@@ -149,21 +145,4 @@ def make(cfg: TransferConfig, train: TextSplit, teacher: Classifier, max_length:
         "augment_seconds": augmented - started,
         "label_seconds": time.perf_counter() - augmented,
     }
-    return texts, logits, info
-
-
-def cached(teacher_run_id: str, set_key: dict, workdir: str, make_set) -> TransferSet:
-    """The transfer set stored under ``set_key`` on the teacher's run; made with ``make_set()`` and
-    stored there first if there is none. Sets are deterministic, so two workers making one at once
-    write the same files."""
-    path = f"{ARTIFACT_DIR}/{logits_cache.digest(set_key)}"
-    what = "transfer-set cache"
-    hint = "delete that artifact of the teacher's run, or change distill.transfer.seed, to make a new one"
-    if not tracking.artifact_exists(teacher_run_id, path):
-        texts, logits, info = make_set()
-        with tempfile.TemporaryDirectory() as tmp:
-            folder = logits_cache.write(Path(tmp), set_key, {"texts": np.asarray(texts, dtype=np.str_), "logits": logits}, info)
-            tracking.log_folder_to(teacher_run_id, folder, path)
-        return TransferSet(texts, logits, {**info, "digest": folder.name})
-    arrays, info = logits_cache.read(tracking.download_run_artifact(teacher_run_id, path, workdir), set_key, what, hint)
-    return TransferSet(arrays["texts"].tolist(), arrays["logits"], {**info, "digest": path.rpartition("/")[2]})
+    return TransferSet(texts, logits, info)
