@@ -29,7 +29,6 @@ from kdlib.losses import NO_LABEL
 from kdlib.models import Classifier
 
 MASK = "[MASK]"  # the placeholder in stored texts
-
 ARTIFACT_DIR = "transfer_sets"
 NGRAM_MAX = 5  # Tang et al.: n-grams of 1 to 5 words
 QUERY_CHUNK = 2048  # query words per similarity product: bounds memory at chunk x vocabulary floats
