@@ -53,7 +53,8 @@ class StudentData:
     transfers: dict[TransferConfig, TransferData] = field(default_factory=dict)  # per transfer setting, made or fetched once
 
 
-def _fetch_teacher(cfg: ExperimentConfig, name: str, version: str, workdir: str) -> Classifier:
+def fetch_teacher(cfg: ExperimentConfig, name: str, version: str, workdir: str) -> Classifier:
+    """Version ``version`` of the registered teacher ``name``, downloaded into ``workdir`` and loaded."""
     folder = registry.fetch_model(f"models:/{name}/{version}", workdir).folder
     return load_classifier("teacher", ModelConfig(name_or_path=str(folder)), cfg.data.label_names, [], cfg.data.max_length, cfg.distill.train.seed)
 
@@ -76,7 +77,7 @@ def prepare(cfg: ExperimentConfig, workdir: str) -> StudentData:
         "teacher logits cache",
         "rerun the teacher entry point on this data (same data.source, splits, validation settings and max_*_examples)",
     )
-    teacher = _fetch_teacher(cfg, name, str(version.version), workdir) if cfg.student.teacher_layers else None
+    teacher = fetch_teacher(cfg, name, str(version.version), workdir) if cfg.student.teacher_layers else None
     if teacher is not None:
         template = cut_from_teacher(teacher, cfg.student.teacher_layers)
     else:
@@ -98,7 +99,7 @@ def transfer_data(cfg: ExperimentConfig, data: StudentData) -> TransferData | No
 
         def make() -> transfer.TransferSet:
             if data.teacher is None:
-                data.teacher = _fetch_teacher(cfg, data.teacher_name, data.teacher_version, data.workdir)
+                data.teacher = fetch_teacher(cfg, data.teacher_name, data.teacher_version, data.workdir)
             teacher = data.teacher
             accelerator = make_accelerator(cfg.train.mixed_precision)  # the teacher's own precision
 

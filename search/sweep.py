@@ -54,7 +54,7 @@ class SweepResult:
     baseline: baseline.Baseline | None  # the plain student and the distillation gain (search.plain_baseline)
 
 
-def _pruner(cfg: ExperimentConfig) -> optuna.pruners.BasePruner:
+def make_pruner(cfg: ExperimentConfig) -> optuna.pruners.BasePruner:
     if cfg.search.pruner == "median":
         # Wait for two finished trials and judge from epoch 1 on: epochs are few and expensive.
         return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
@@ -154,7 +154,7 @@ def _sweep(cfg: ExperimentConfig, workers: int, promote: bool) -> SweepResult | 
     name = study_name(cfg)
     with tempfile.TemporaryDirectory(prefix="kd-sweep-") as tmp:
         data = prepare(cfg, tmp)
-        study = optuna.create_study(study_name=name, storage=storage, direction="maximize", pruner=_pruner(cfg), load_if_exists=True)
+        study = optuna.create_study(study_name=name, storage=storage, direction="maximize", pruner=make_pruner(cfg), load_if_exists=True)
         check_store(study)
         # Reseed on resume: a resumed or second worker must not replay the first worker's draws.
         study.sampler = optuna.samplers.TPESampler(seed=cfg.search.seed + len(study.trials))

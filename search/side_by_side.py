@@ -1,0 +1,120 @@
+"""Benchmark: this project's sweep against the Hugging Face Trainer recipe (``search/trainer_recipe.py``).
+
+Same data, teacher, student initialisation, search space, sampler seed (so the same settings, trial
+for trial), pruner, precision and number of trials; one host, one command, so the speed-up is one
+ratio of two figures measured back to back:
+
+    python -m search.side_by_side [--experiment FILE] [KEY=VALUE ...]   # default experiments/sst2-minilm.yaml
+
+The teacher is the experiment's champion, fine-tuned first if there is none; its fine-tuning is in
+neither figure. This project's figure is the sweep job end to end (plain twin off: the recipe has
+none) plus the teacher's logit pass that the sweep reads, which the recipe does not need. The
+recipe's figure is ``run_recipe`` end to end. Writes ``outputs/bench/<name>-side-by-side.json``
+and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from kdlib import registry, tracking
+from kdlib.config import ExperimentConfig
+from kdlib.configure import build_config, parse_overrides, replace
+from kdlib.errors import KDError
+from kdlib.teacher import LOGITS_SECONDS, run_teacher
+from search import trainer_recipe
+from search.bench import OUT
+from search.sweep import run_sweep
+
+DEFAULT_EXPERIMENT = "experiments/sst2-minilm.yaml"
+
+
+def _champion_teacher(cfg: ExperimentConfig):
+    name = registry.teacher_model_name(cfg)
+    if registry.champion(name) is None:
+        run_teacher(cfg)
+    return registry.champion(name)
+
+
+def compare(cfg: ExperimentConfig) -> dict:
+    """Both sweeps, timed; their figures, also written to ``outputs/bench/<name>-side-by-side.json``."""
+    trainer_recipe.check(cfg)
+    space_keys = list(cfg.search.space)
+    teacher = _champion_teacher(cfg)
+    logits_s = tracking.get_run(teacher.run_id).data.metrics.get(LOGITS_SECONDS)
+    if logits_s is None:
+        raise KDError(f"teacher {teacher.name} version {teacher.version} has no {LOGITS_SECONDS} metric (made by an older version); rerun the teacher job")
+    # A new study each time: rerunning an existing one would resume it and time nothing.
+    ours_cfg = replace(cfg, {"search.plain_baseline": False, "search.study_name": f"{cfg.name}-side-by-side-{time.strftime('%Y%m%d-%H%M%S')}"})
+    started = time.perf_counter()
+    sweep = run_sweep(ours_cfg)
+    sweep_s = time.perf_counter() - started
+    started = time.perf_counter()
+    recipe = trainer_recipe.run_recipe(cfg, str(teacher.version))
+    recipe_s = time.perf_counter() - started
+    best = recipe.best_trial
+    results = {
+        "experiment": cfg.name,
+        "n_trials": cfg.search.n_trials,
+        "searched": space_keys,
+        "teacher_version": str(teacher.version),
+        "project": {
+            "study_name": ours_cfg.search.study_name,
+            "sweep_run_id": sweep.run_id,
+            "wall_s": sweep_s + logits_s,
+            "sweep_s": sweep_s,
+            "teacher_logits_s": logits_s,
+            "finished": sum(registry.EVAL_METRIC in run.data.metrics for run in tracking.child_runs(sweep.run_id, registry.Role.TRIAL)),
+            "best_val_accuracy": sweep.best_value,
+            "best_eval_accuracy": sweep.best_eval_accuracy,
+            "best_params": sweep.best_params,
+        },
+        "trainer_recipe": {
+            "run_id": recipe.run_id,
+            "wall_s": recipe_s,
+            "finished": len(recipe.finished),
+            "best_val_accuracy": recipe.finished[best][0] if best is not None else None,
+            "best_eval_accuracy": recipe.finished[best][1] if best is not None else None,
+            "best_params": recipe.sampled[best] if best is not None else {},
+            "sampled": {str(number): params for number, params in recipe.sampled.items()},
+        },
+        "speed_up": recipe_s / (sweep_s + logits_s),
+    }
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / f"{cfg.name}-side-by-side.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
+def markdown(results: dict) -> str:
+    ours, theirs = results["project"], results["trainer_recipe"]
+
+    def accuracy(side: dict) -> str:
+        return "none finished" if side["best_val_accuracy"] is None else f"{side['best_val_accuracy']:.4f} / {side['best_eval_accuracy']:.4f}"
+
+    rows = [
+        ("end-to-end wall time", f"{ours['wall_s']:.0f} s (sweep {ours['sweep_s']:.0f} s + teacher logits {ours['teacher_logits_s']:.0f} s)", f"{theirs['wall_s']:.0f} s"),
+        ("trials finished (of n_trials; the others pruned)", f"{ours['finished']} of {results['n_trials']}", f"{theirs['finished']} of {results['n_trials']}"),
+        ("best trial: validation / evaluation accuracy", accuracy(ours), accuracy(theirs)),
+        ("**speed-up**", f"**{results['speed_up']:.2f}x**", "1x"),
+    ]
+    return "\n".join(["| | this project | Trainer recipe |", "| --- | --- | --- |", *[f"| {a} | {b} | {c} |" for a, b, c in rows]])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m search.side_by_side", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--experiment", default=DEFAULT_EXPERIMENT)
+    args, rest = parser.parse_known_args(argv)
+    try:
+        cfg = build_config(args.experiment, parse_overrides(rest))
+        print(markdown(compare(cfg)))
+    except KDError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

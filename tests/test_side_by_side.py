@@ -1,0 +1,61 @@
+"""The side-by-side benchmark: this project's sweep and the Hugging Face Trainer recipe on the same settings."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import pytest
+from optuna.trial import TrialState
+
+from kdlib import registry, tracking
+from kdlib.errors import KDError
+from search import side_by_side
+from search.study import make_storage
+from tests.conftest import swept_config
+
+SIDE = ["search.n_trials=2", "distill.transfer.copies=0", "search.space.distill.train.epochs.high=2"]
+
+
+def test_both_sweeps_try_the_same_settings_and_the_recipe_logs_each_trial(tmp_path):
+    cfg = swept_config(*SIDE)
+    results = side_by_side.compare(cfg)
+
+    ours, theirs = results["project"], results["trainer_recipe"]
+    study = __import__("optuna").load_study(study_name=ours["study_name"], storage=make_storage(None)[0])
+    trials = {str(t.number): t.params for t in study.trials}
+    assert trials == theirs["sampled"]  # one seed, one space: the same settings, trial for trial
+    assert results["speed_up"] == pytest.approx(theirs["wall_s"] / ours["wall_s"])
+    assert ours["wall_s"] == pytest.approx(ours["sweep_s"] + ours["teacher_logits_s"])
+    assert json.loads((side_by_side.OUT / "smoke-side-by-side.json").read_text()) == results
+
+    # The recipe's trials are MLflow runs under its own run, with their settings and per-epoch validation accuracy.
+    runs = mlflow.search_runs(experiment_names=["smoke-trainer-recipe"], output_format="list")
+    parent = [run for run in runs if run.data.tags.get(tracking.ROLE_TAG) == registry.Role.TRAINER_RECIPE]
+    assert len(parent) == 1 and parent[0].info.status == "FINISHED"
+    children = [run for run in runs if run.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id]
+    assert len(children) == cfg.search.n_trials
+    by_temperature = {round(float(run.data.params["temperature"]), 6): run for run in children}
+    for params in theirs["sampled"].values():
+        run = by_temperature[round(params["distill.temperature"], 6)]
+        assert float(run.data.params["alpha"]) == pytest.approx(params["distill.alpha"])
+        history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "eval_accuracy")
+        assert 1 <= len(history) <= params["distill.train.epochs"]
+    complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    assert ours["finished"] == len(complete)
+    if theirs["best_val_accuracy"] is not None:
+        assert parent[0].data.metrics[f"best_{registry.METRIC}"] == theirs["best_val_accuracy"]
+
+
+@pytest.mark.parametrize(
+    "override, named",
+    [
+        ("distill.transfer.copies=1", "distill.transfer.copies"),
+        ("search.space.distill.train.warmup_ratio={low: 0.0, high: 0.2}", "search.space.distill.train.warmup_ratio"),
+        ("student.teacher_layers=[]", "student"),
+    ],
+)
+def test_what_the_recipe_cannot_do_is_refused_before_anything_runs(override, named):
+    with pytest.raises(KDError, match=named):
+        side_by_side.compare(swept_config(*SIDE, override))
+    assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
