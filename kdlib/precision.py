@@ -9,6 +9,7 @@ is emulated: a matrix product runs ~100x and a training step ~17x slower than fp
 from __future__ import annotations
 
 import functools
+import os
 import time
 from dataclasses import dataclass
 
@@ -23,13 +24,30 @@ class Precision:
     reason: str  # why, in words, for the log line and the run's params
 
 
+# oneDNN runs the bf16 matrix products. ONEDNN_MAX_CPU_ISA caps the instructions it may use: capped
+# below these it emulates bf16 as an AVX2-only CPU does (which lets one host stand in for the other).
+ONEDNN_BF16 = ("AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX10_1_512", "ALL", "DEFAULT")
+ONEDNN_AMX = ("AVX512_CORE_AMX", "AVX512_CORE_AMX_FP16", "AVX10_1_512_AMX", "AVX10_1_512_AMX_FP16", "ALL", "DEFAULT")
+
+
+def _onednn_cap() -> str:
+    return os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()
+
+
 def _cpu_bf16() -> str | None:
-    """The CPU feature that runs bf16 natively, or None."""
-    if torch.cpu._is_amx_tile_supported():
+    """The CPU feature that runs bf16 natively and oneDNN may use, or None."""
+    cap = _onednn_cap()
+    if torch.cpu._is_amx_tile_supported() and cap in ONEDNN_AMX:
         return "AMX"
-    if torch.cpu._is_avx512_bf16_supported():
+    if torch.cpu._is_avx512_bf16_supported() and cap in ONEDNN_BF16 + ONEDNN_AMX:
         return "AVX-512-BF16"
     return None
+
+
+def _cpu_words() -> str:
+    """This CPU as the log lines name it: its ATen capability, and oneDNN's cap when one is set."""
+    capped = f", oneDNN capped at {_onednn_cap()}" if "ONEDNN_MAX_CPU_ISA" in os.environ else ""
+    return f"{torch.backends.cpu.get_cpu_capability()}{capped}"
 
 
 def _product_seconds(n: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -71,13 +89,11 @@ def resolve(requested: str) -> Precision:
     if requested == "auto":
         if feature:
             return Precision("bf16", f"auto: this CPU runs bf16 natively ({feature})")
-        return Precision(
-            "no", f"auto: fp32, this CPU ({torch.backends.cpu.get_cpu_capability()}) has neither AMX nor AVX-512-BF16 and would emulate bf16"
-        )
+        return Precision("no", f"auto: fp32, this CPU ({_cpu_words()}) has neither AMX nor AVX-512-BF16 to use and would emulate bf16")
     if requested == "bf16" and not feature:
         slowdown = matmul_rate(torch.float32) / matmul_rate(torch.bfloat16)
         print(
-            f"warning: train.mixed_precision = 'bf16' on a CPU without AMX or AVX-512-BF16 ({torch.backends.cpu.get_cpu_capability()}): "
+            f"warning: train.mixed_precision = 'bf16' on a CPU without AMX or AVX-512-BF16 to use ({_cpu_words()}): "
             f"bf16 matrix products measured {slowdown:.0f}x slower than fp32 here; 'auto' would train in fp32",
             flush=True,
         )

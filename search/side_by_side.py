@@ -46,7 +46,9 @@ def compare(cfg: ExperimentConfig) -> dict:
     teacher = _champion_teacher(cfg)
     logits_s = tracking.get_run(teacher.run_id).data.metrics.get(LOGITS_SECONDS)
     if logits_s is None:
-        raise KDError(f"teacher {teacher.name} version {teacher.version} has no {LOGITS_SECONDS} metric (made by an older version); rerun the teacher job")
+        raise KDError(
+            f"teacher {teacher.name} version {teacher.version} has no {LOGITS_SECONDS} metric (made by an older version); rerun the teacher job"
+        )
     # A new study each time: rerunning an existing one would resume it and time nothing.
     ours_cfg = replace(cfg, {"search.plain_baseline": False, "search.study_name": f"{cfg.name}-side-by-side-{time.strftime('%Y%m%d-%H%M%S')}"})
     started = time.perf_counter()
@@ -95,8 +97,16 @@ def markdown(results: dict) -> str:
         return "none finished" if side["best_val_accuracy"] is None else f"{side['best_val_accuracy']:.4f} / {side['best_eval_accuracy']:.4f}"
 
     rows = [
-        ("end-to-end wall time", f"{ours['wall_s']:.0f} s (sweep {ours['sweep_s']:.0f} s + teacher logits {ours['teacher_logits_s']:.0f} s)", f"{theirs['wall_s']:.0f} s"),
-        ("trials finished (of n_trials; the others pruned)", f"{ours['finished']} of {results['n_trials']}", f"{theirs['finished']} of {results['n_trials']}"),
+        (
+            "end-to-end wall time",
+            f"{ours['wall_s']:.0f} s (sweep {ours['sweep_s']:.0f} s + teacher logits {ours['teacher_logits_s']:.0f} s)",
+            f"{theirs['wall_s']:.0f} s",
+        ),
+        (
+            "trials finished (of n_trials; the others pruned)",
+            f"{ours['finished']} of {results['n_trials']}",
+            f"{theirs['finished']} of {results['n_trials']}",
+        ),
         ("best trial: validation / evaluation accuracy", accuracy(ours), accuracy(theirs)),
         ("**speed-up**", f"**{results['speed_up']:.2f}x**", "1x"),
     ]

@@ -2,20 +2,22 @@
 
 A benchmark, not a job: the 3-layer student cut from the sst2-minilm teacher (pretrained weights and
 a random head, which costs the same as a trained one), batches of 32 as a sweep trains them, the KD
-loss against random soft targets, in the precision ``auto`` picks. Each setting runs twice,
+loss against random soft targets, in the precisions asked for (default ``auto``). Each setting runs twice,
 alternating, so a slow spell of the host shows as disagreement between the two runs.
 
     python -m search.step_profile            # from the project root; needs ../shared (see README)
+    python -m search.step_profile --precision auto bf16 --freeze false --steps 40   # auto against explicit bf16
 """
 
 from __future__ import annotations
 
+import argparse
 import time
 
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from kdlib import batching
+from kdlib import batching, precision
 from kdlib.config import DataConfig, TrainConfig
 from kdlib.data import load_splits
 from kdlib.losses import kd_loss
@@ -23,13 +25,13 @@ from kdlib.models import Classifier, cut_from_teacher
 from kdlib.training import make_accelerator, make_optimizer
 
 TEACHER = "../shared/models/all-MiniLM-L6-v2"
-STEPS, WARMUP = 120, 20
+WARMUP = 20  # untimed steps: the first steps of a fresh model are slower
 
 
-def profile(teacher: Classifier, encoded: batching.Encoded, frozen: bool) -> dict[str, float]:
+def profile(teacher: Classifier, encoded: batching.Encoded, frozen: bool, mixed_precision: str, steps: int) -> dict[str, float]:
     """Seconds per part, summed over the timed steps, and the number of timed steps."""
     model = cut_from_teacher(teacher, (0, 2, 4)).model.train()
-    cfg = TrainConfig(learning_rate=1e-4, freeze_word_embeddings=frozen)
+    cfg = TrainConfig(learning_rate=1e-4, freeze_word_embeddings=frozen, mixed_precision=mixed_precision)
     if frozen:
         model.get_input_embeddings().weight.requires_grad_(False)
     accelerator = make_accelerator(cfg.mixed_precision)
@@ -37,7 +39,7 @@ def profile(teacher: Classifier, encoded: batching.Encoded, frozen: bool) -> dic
     targets = torch.randn(len(encoded), 2)
     batches = iter(batching.train_loader(encoded, teacher.tokenizer.pad_token_id, cfg.batch_size, 0))
     parts = dict.fromkeys(("data", "forward", "backward", "clip", "optimizer"), 0.0)
-    for step in range(STEPS):
+    for step in range(WARMUP + steps):
         marks = [time.perf_counter()]
         batch = next(batches)
         marks.append(time.perf_counter())
@@ -54,20 +56,31 @@ def profile(teacher: Classifier, encoded: batching.Encoded, frozen: bool) -> dic
         if step >= WARMUP:
             for name, start, end in zip(parts, marks, marks[1:], strict=True):
                 parts[name] += end - start
-    return {**parts, "steps": STEPS - WARMUP}
+    return {**parts, "steps": steps}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m search.step_profile", description="Where a student training step's time goes.")
+    parser.add_argument("--precision", nargs="+", default=["auto"], choices=["auto", "bf16", "no"], help="train.mixed_precision values")
+    parser.add_argument("--freeze", nargs="+", default=["false", "true"], choices=["false", "true"], help="freeze_word_embeddings values")
+    parser.add_argument("--steps", type=int, default=100, help="timed steps per run")
+    args = parser.parse_args(argv)
     tokenizer = AutoTokenizer.from_pretrained(TEACHER)
     teacher = Classifier(tokenizer, AutoModelForSequenceClassification.from_pretrained(TEACHER, num_labels=2))
     splits = load_splits(DataConfig(source="../shared/data/sst2", max_train_examples=8000))
     encoded = batching.encode(splits.train, tokenizer, 128, ".kdcache")
-    for frozen in (False, True, False, True):
-        parts = profile(teacher, encoded, frozen)
+    settings = [(chosen, frozen == "true") for chosen in args.precision for frozen in args.freeze]
+    for chosen, frozen in settings * 2:
+        parts = profile(teacher, encoded, frozen, chosen, args.steps)
         steps = parts.pop("steps")
         total = sum(parts.values())
         shares = ", ".join(f"{name} {1e3 * spent / steps:.1f} ms ({spent / total:.0%})" for name, spent in parts.items())
-        print(f"freeze_word_embeddings={frozen}: {1e3 * total / steps:.1f} ms/step, {32 * steps / total:.0f} examples/s; {shares}", flush=True)
+        resolved = precision.resolve(chosen).mixed_precision
+        print(
+            f"mixed_precision={chosen} ({resolved}) freeze_word_embeddings={frozen}: {1e3 * total / steps:.1f} ms/step, "
+            f"{32 * steps / total:.0f} examples/s; {shares}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -166,6 +166,7 @@ def run_recipe(cfg: ExperimentConfig, teacher_version: str) -> RecipeResult:
             max_grad_norm=train_cfg.max_grad_norm,
             gradient_accumulation_steps=train_cfg.grad_accum_steps,
             seed=train_cfg.seed,
+            use_cpu=not torch.cuda.is_available(),  # the Trainer refuses bf16 on a CPU unless told
             bf16=chosen == "bf16",
             fp16=chosen == "fp16",
             eval_strategy="epoch",

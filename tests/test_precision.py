@@ -55,3 +55,28 @@ def test_auto_on_a_gpu(monkeypatch, bf16, expected):
 def test_the_matmul_probe_answers_for_every_dtype():
     for dtype in (torch.float32, torch.bfloat16):
         assert precision.matmul_rate(dtype, budget_s=0.05) > 0
+
+
+@pytest.mark.parametrize(
+    ("cap", "expected"),
+    [(None, "AMX"), ("AVX512_CORE_AMX", "AMX"), ("AVX512_CORE_BF16", "AVX-512-BF16"), ("AVX512_CORE", None), ("AVX2", None)],
+)
+def test_a_onednn_cap_below_bf16_counts_as_a_cpu_that_emulates_it(monkeypatch, cap, expected):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    if cap is None:
+        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    else:
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    assert precision._cpu_bf16() == expected
+
+
+def test_auto_names_the_onednn_cap_when_it_chose_fp32(monkeypatch):
+    precision.resolve.cache_clear()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx2")
+    chosen = precision.resolve("auto")
+    precision.resolve.cache_clear()
+    assert chosen.mixed_precision == "no" and "oneDNN capped at AVX2" in chosen.reason

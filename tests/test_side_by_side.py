@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import mlflow
+import optuna
 import pytest
 from optuna.trial import TrialState
 
@@ -22,7 +23,7 @@ def test_both_sweeps_try_the_same_settings_and_the_recipe_logs_each_trial(tmp_pa
     results = side_by_side.compare(cfg)
 
     ours, theirs = results["project"], results["trainer_recipe"]
-    study = __import__("optuna").load_study(study_name=ours["study_name"], storage=make_storage(None)[0])
+    study = optuna.load_study(study_name=ours["study_name"], storage=make_storage(None)[0])
     trials = {str(t.number): t.params for t in study.trials}
     assert trials == theirs["sampled"]  # one seed, one space: the same settings, trial for trial
     assert results["speed_up"] == pytest.approx(theirs["wall_s"] / ours["wall_s"])
