@@ -73,6 +73,10 @@ def compare(cfg: ExperimentConfig) -> dict:
             "best_val_accuracy": sweep.best_value,
             "best_eval_accuracy": sweep.best_eval_accuracy,
             "best_params": sweep.best_params,
+            "trials": {
+                run.data.tags["optuna.trial"]: [run.data.metrics.get(registry.METRIC), run.data.metrics.get(registry.EVAL_METRIC)]
+                for run in tracking.child_runs(sweep.run_id, registry.Role.TRIAL)
+            },
         },
         "trainer_recipe": {
             "run_id": recipe.run_id,
@@ -82,6 +86,7 @@ def compare(cfg: ExperimentConfig) -> dict:
             "best_eval_accuracy": recipe.finished[best][1] if best is not None else None,
             "best_params": recipe.sampled[best] if best is not None else {},
             "sampled": {str(number): params for number, params in recipe.sampled.items()},
+            "trials": {str(number): list(accuracies) for number, accuracies in recipe.finished.items()},
         },
         "speed_up": recipe_s / (sweep_s + logits_s),
     }

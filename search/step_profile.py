@@ -54,7 +54,7 @@ def profile(teacher: Classifier, encoded: batching.Encoded, frozen: bool, mixed_
         optimizer.zero_grad(set_to_none=True)
         marks.append(time.perf_counter())
         if step >= WARMUP:
-            for name, start, end in zip(parts, marks, marks[1:], strict=True):
+            for name, start, end in zip(parts, marks[:-1], marks[1:], strict=True):
                 parts[name] += end - start
     return {**parts, "steps": steps}
 
