@@ -19,6 +19,7 @@ from kdlib.errors import KDError
 
 ARTIFACT_DIR = "teacher_logits"
 TAG = "kd.teacher_logits"  # names the logits artifact on the teacher's run
+SECONDS_METRIC = "logits_seconds"  # teacher-run metric: computing the logits every student reads (train and validation)
 KEY_FILE, ARRAYS_FILE, INFO_FILE = "key.json", "arrays.npz", "info.json"
 
 

@@ -14,8 +14,6 @@ from kdlib.metrics import classification_metrics
 from kdlib.models import count_parameters, load_classifier
 from kdlib.training import fit, make_accelerator, predict_logits, score_evaluation
 
-LOGITS_SECONDS = "logits_seconds"  # teacher-run metric: computing the logits every student reads (train and validation)
-
 
 @dataclass(frozen=True)
 class TeacherResult:
@@ -78,7 +76,7 @@ def run_teacher(cfg: ExperimentConfig) -> TeacherResult:
             accelerator = make_accelerator(cfg.train.mixed_precision)
             started = time.perf_counter()
             logits = {split: predict_logits(classifier.model, loaders[split], accelerator) for split in ("train", "validation")}
-            tracking.log_metrics({LOGITS_SECONDS: time.perf_counter() - started})
+            tracking.log_metrics({logits_cache.SECONDS_METRIC: time.perf_counter() - started})
             logits["eval"] = eval_logits
             model_uri = tracking.log_classifier(classifier, cfg.data.max_length, model_id=model_id)
         what = f"Teacher {cfg.teacher.name_or_path} fine-tuned on {cfg.data.source} ({len(splits.train)} sentences)"

@@ -20,11 +20,11 @@ import json
 import sys
 import time
 
-from kdlib import registry, tracking
+from kdlib import logits_cache, registry, tracking
 from kdlib.config import ExperimentConfig
 from kdlib.configure import build_config, parse_overrides, replace
 from kdlib.errors import KDError
-from kdlib.teacher import LOGITS_SECONDS, run_teacher
+from kdlib.teacher import run_teacher
 from search import trainer_recipe
 from search.bench import OUT
 from search.sweep import run_sweep
@@ -44,10 +44,10 @@ def compare(cfg: ExperimentConfig) -> dict:
     trainer_recipe.check(cfg)
     space_keys = list(cfg.search.space)
     teacher = _champion_teacher(cfg)
-    logits_s = tracking.get_run(teacher.run_id).data.metrics.get(LOGITS_SECONDS)
+    logits_s = tracking.get_run(teacher.run_id).data.metrics.get(logits_cache.SECONDS_METRIC)
     if logits_s is None:
         raise KDError(
-            f"teacher {teacher.name} version {teacher.version} has no {LOGITS_SECONDS} metric (made by an older version); rerun the teacher job"
+            f"teacher {teacher.name} version {teacher.version} has no {logits_cache.SECONDS_METRIC} metric (made by an older version); rerun the teacher job"
         )
     # A new study each time: rerunning an existing one would resume it and time nothing.
     ours_cfg = replace(cfg, {"search.plain_baseline": False, "search.study_name": f"{cfg.name}-side-by-side-{time.strftime('%Y%m%d-%H%M%S')}"})

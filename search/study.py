@@ -94,6 +94,19 @@ def _retry(study: optuna.Study, trial: FrozenTrial) -> None:
     RetryFailedTrialCallback(max_retry=1)(study, trial)
 
 
+def make_pruner(cfg: ExperimentConfig) -> optuna.pruners.BasePruner:
+    """The pruner ``search.pruner`` names (the sweep's, and the Trainer recipe's beside it)."""
+    if cfg.search.pruner == "median":
+        # Wait for two finished trials and judge from epoch 1 on: epochs are few and expensive.
+        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
+    if cfg.search.pruner == "hyperband":
+        # The resource is epochs: at most the top of the searched epoch range.
+        epochs = cfg.search.space.get("distill.train.epochs")
+        most = int(epochs.high) if epochs and not epochs.choices else cfg.distill.train.epochs
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=most)
+    return optuna.pruners.NopPruner()
+
+
 def make_storage(url: str | None) -> tuple[optuna.storages.BaseStorage, str]:
     """The storage and its URL as it may be shown or logged (password masked)."""
     url = url or default_storage()

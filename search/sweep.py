@@ -33,6 +33,7 @@ from search.study import (
     RUN_ATTR,
     check_store,
     finished,
+    make_pruner,
     make_storage,
     recover_dead_local_trials,
     register_worker,
@@ -52,18 +53,6 @@ class SweepResult:
     version: str | None
     promoted: bool
     baseline: baseline.Baseline | None  # the plain student and the distillation gain (search.plain_baseline)
-
-
-def make_pruner(cfg: ExperimentConfig) -> optuna.pruners.BasePruner:
-    if cfg.search.pruner == "median":
-        # Wait for two finished trials and judge from epoch 1 on: epochs are few and expensive.
-        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
-    if cfg.search.pruner == "hyperband":
-        # The resource is epochs: at most the top of the searched epoch range.
-        epochs = cfg.search.space.get("distill.train.epochs")
-        most = int(epochs.high) if epochs and not epochs.choices else cfg.distill.train.epochs
-        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=most)
-    return optuna.pruners.NopPruner()
 
 
 def _attach_to_root(study: optuna.Study, run_id: str) -> str:

@@ -33,7 +33,7 @@ from kdlib.losses import kd_loss
 from kdlib.models import SCRATCH, Classifier, cut_from_teacher, load_classifier
 from kdlib.student import fetch_teacher
 from search.space import suggest
-from search.sweep import make_pruner
+from search.study import make_pruner
 
 # The searched config keys the recipe can set, and the TrainingArguments field each one sets.
 ARGUMENTS = {
