@@ -170,10 +170,19 @@ def registered_version(model_uri: str, model_name: str, run_id: str | None = Non
 
 def promote_if_better(model_name: str, version: str, value: float) -> bool:
     """Move ``champion`` to ``version`` only if it beats the current champion; log the comparison."""
-    previous_version, previous_value = champion_metric(model_name)
-    promoted = previous_value is None or value > previous_value
-    if promoted:
-        MlflowClient().set_registered_model_alias(model_name, CHAMPION, version)
+    for attempt in range(2):
+        previous_version, previous_value = champion_metric(model_name)
+        promoted = previous_value is None or value > previous_value
+        if not promoted:
+            break
+        try:
+            MlflowClient().set_registered_model_alias(model_name, CHAMPION, version)
+            break
+        except MlflowException:
+            # Two workers that both found no champion race to create the alias, and a tracking
+            # server refuses the second insert: the loser reads the winner's champion and compares again.
+            if attempt == 1:
+                raise
     mlflow.set_tags(
         {
             "champion.model": model_name,

@@ -70,3 +70,31 @@ def test_only_not_found_means_no_champion(monkeypatch):
     monkeypatch.setattr(MlflowClient, "get_model_version_by_alias", server_error)
     with pytest.raises(KDError, match="registry: cannot read the 'champion' alias of 'm' from .*503"):
         registry.champion("m")
+
+
+@pytest.mark.parametrize(("value", "winner"), [(0.7, "2"), (0.9, "1")])
+def test_two_workers_creating_the_champion_alias_at_once_compare_again(monkeypatch, value, winner):
+    """The loser of the race to create the alias reads the winner's champion, then promotes only if better."""
+    uri, run_id = logged_model()
+    with registry.registered_version(uri, "m", run_id) as ours:
+        pass
+    theirs_uri, theirs_run = logged_model()
+    with mlflow.start_run(run_id=theirs_run):
+        mlflow.log_metric(registry.METRIC, 0.8)
+    with registry.registered_version(theirs_uri, "m", theirs_run) as theirs:
+        pass
+    real = MlflowClient.set_registered_model_alias
+    raced = []
+
+    def race(client, name, alias, version):
+        if not raced:  # the other worker's insert lands first; ours is refused, as a server refuses it
+            raced.append(version)
+            real(client, name, alias, theirs)
+            raise MlflowException("duplicate key value violates unique constraint")
+        real(client, name, alias, version)
+
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", race)
+    with mlflow.start_run(run_id=run_id):
+        promoted = registry.promote_if_better("m", ours, value)
+    assert promoted == (winner == ours)
+    assert str(MlflowClient().get_model_version_by_alias("m", registry.CHAMPION).version) == winner
