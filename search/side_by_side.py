@@ -42,7 +42,6 @@ def _champion_teacher(cfg: ExperimentConfig):
 def compare(cfg: ExperimentConfig) -> dict:
     """Both sweeps, timed; their figures, also written to ``outputs/bench/<name>-side-by-side.json``."""
     trainer_recipe.check(cfg)
-    space_keys = list(cfg.search.space)
     teacher = _champion_teacher(cfg)
     logits_s = tracking.get_run(teacher.run_id).data.metrics.get(logits_cache.SECONDS_METRIC)
     if logits_s is None:
@@ -61,7 +60,7 @@ def compare(cfg: ExperimentConfig) -> dict:
     results = {
         "experiment": cfg.name,
         "n_trials": cfg.search.n_trials,
-        "searched": space_keys,
+        "searched": list(cfg.search.space),
         "teacher_version": str(teacher.version),
         "project": {
             "study_name": ours_cfg.search.study_name,

@@ -18,7 +18,6 @@ import os
 import tempfile
 from dataclasses import dataclass
 
-import numpy as np
 import optuna
 import torch
 from datasets import Dataset
@@ -30,7 +29,8 @@ from kdlib.config import ExperimentConfig
 from kdlib.data import TextSplit, load_splits
 from kdlib.errors import KDError
 from kdlib.losses import kd_loss
-from kdlib.models import SCRATCH, Classifier, cut_from_teacher, load_classifier
+from kdlib.metrics import accuracy
+from kdlib.models import SCRATCH, cut_from_teacher, load_classifier
 from kdlib.student import fetch_teacher
 from search.space import suggest
 from search.study import make_pruner
@@ -91,7 +91,6 @@ class DistillationTrainer(Trainer):
 @dataclass(frozen=True)
 class RecipeResult:
     run_id: str  # the recipe's parent MLflow run; each trial is a run nested under it
-    n_trials: int
     sampled: dict[int, dict]  # Optuna trial number -> its settings, by config key
     finished: dict[int, tuple[float, float]]  # trial number -> (validation, evaluation) accuracy; pruned trials absent
 
@@ -127,7 +126,7 @@ def _dataset(split: TextSplit, tokenizer, max_length: int) -> Dataset:
 
 
 def _accuracy(prediction) -> dict[str, float]:
-    return {"accuracy": float((np.argmax(prediction.predictions, axis=-1) == prediction.label_ids).mean())}
+    return {"accuracy": accuracy(prediction.predictions, prediction.label_ids)}
 
 
 def run_recipe(cfg: ExperimentConfig, teacher_version: str) -> RecipeResult:
@@ -149,8 +148,7 @@ def run_recipe(cfg: ExperimentConfig, teacher_version: str) -> RecipeResult:
         def model_init() -> torch.nn.Module:
             if cfg.student.teacher_layers:
                 return cut_from_teacher(teacher, cfg.student.teacher_layers).model
-            student: Classifier = load_classifier("student", cfg.student, cfg.data.label_names, [], cfg.data.max_length, train_cfg.seed)
-            return student.model
+            return load_classifier("student", cfg.student, cfg.data.label_names, [], cfg.data.max_length, train_cfg.seed).model
 
         tokenizer = teacher.tokenizer
         args = DistillationArguments(
@@ -199,7 +197,7 @@ def run_recipe(cfg: ExperimentConfig, teacher_version: str) -> RecipeResult:
                     sampler=optuna.samplers.TPESampler(seed=cfg.search.seed),
                     pruner=make_pruner(cfg),
                 )
-                result = RecipeResult(run.info.run_id, cfg.search.n_trials, sampled, dict(trainer.finished))
+                result = RecipeResult(run.info.run_id, sampled, dict(trainer.finished))
                 if result.best_trial is not None:
                     best_val, best_eval = result.finished[result.best_trial]
                     tracking.log_metrics({f"best_{registry.METRIC}": best_val, f"best_{registry.EVAL_METRIC}": best_eval})
