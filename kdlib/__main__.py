@@ -129,7 +129,7 @@ def bench_job(cfg: ExperimentConfig) -> None:
 
     from kdlib.precision import matmul_rate
     from kdlib.teacher import run_teacher
-    from search.bench import markdown, summarize
+    from search.benchmarks.bench import markdown, summarize
     from search.sweep import run_sweep
 
     # Bounded to about a second each on any CPU, emulated bf16 included.

@@ -41,7 +41,7 @@ class Role:
     SWEEP = "sweep"
     EVALUATE = "evaluate"
     EXPORT = "export"
-    TRAINER_RECIPE = "trainer-recipe"  # search/trainer_recipe.py: the Hugging Face Trainer baseline of the side-by-side benchmark
+    TRAINER_RECIPE = "trainer-recipe"  # search/benchmarks/trainer_recipe.py: the Hugging Face Trainer baseline of the side-by-side benchmark
 
 
 def teacher_model_name(cfg: ExperimentConfig) -> str:

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from search import share_bench
+from search.benchmarks import share_bench
 
 TINY = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64}
 

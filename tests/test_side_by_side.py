@@ -11,7 +11,7 @@ from optuna.trial import TrialState
 
 from kdlib import registry, tracking
 from kdlib.errors import KDError
-from search import side_by_side
+from search.benchmarks import side_by_side
 from search.study import make_storage
 from tests.conftest import swept_config
 

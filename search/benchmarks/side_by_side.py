@@ -1,10 +1,10 @@
-"""Benchmark: this project's sweep against the Hugging Face Trainer recipe (``search/trainer_recipe.py``).
+"""Benchmark: this project's sweep against the Hugging Face Trainer recipe (``search/benchmarks/trainer_recipe.py``).
 
 Same data, teacher, student initialisation, search space, sampler seed (so the same settings, trial
 for trial), pruner, precision and number of trials; one host, one command, so the speed-up is one
 ratio of two figures measured back to back:
 
-    python -m search.side_by_side [--experiment FILE] [KEY=VALUE ...]   # default experiments/sst2-minilm.yaml
+    python -m search.benchmarks.side_by_side [--experiment FILE] [KEY=VALUE ...]   # default experiments/sst2-minilm.yaml
 
 The teacher is the experiment's champion, fine-tuned first if there is none; its fine-tuning is in
 neither figure. This project's figure is the sweep job end to end (plain twin off: the recipe has
@@ -25,8 +25,8 @@ from kdlib.config import ExperimentConfig
 from kdlib.configure import build_config, parse_overrides, replace
 from kdlib.errors import KDError
 from kdlib.teacher import run_teacher
-from search import trainer_recipe
-from search.bench import OUT
+from search.benchmarks import trainer_recipe
+from search.benchmarks.bench import OUT
 from search.sweep import run_sweep
 
 DEFAULT_EXPERIMENT = "experiments/sst2-minilm.yaml"
@@ -118,7 +118,7 @@ def markdown(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m search.side_by_side", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m search.benchmarks.side_by_side", description=__doc__.split("\n\n")[0])
     parser.add_argument("--experiment", default=DEFAULT_EXPERIMENT)
     args, rest = parser.parse_known_args(argv)
     try:

@@ -1,4 +1,4 @@
-"""The Hugging Face Trainer recipe for the same sweep: the baseline of ``search/side_by_side.py``.
+"""The Hugging Face Trainer recipe for the same sweep: the baseline of ``search/benchmarks/side_by_side.py``.
 
 What a user writes without this project, after the KD recipe of the transformers docs and blog
 posts: a ``Trainer`` whose ``compute_loss`` runs the teacher online on every batch,

@@ -10,8 +10,8 @@ device's examples/s is the sum over them, and trials per hour divide it by one t
 (``--trial-examples``: by default 7,200 sentences x 2 epochs, a trial of the 8,000-sentence
 benchmark). On a CPU the threads are split between the k processes, as ``search.workers`` does.
 
-    python -m search.share_bench                                   # both shapes, 1, 2 and 4 trials
-    python -m search.share_bench --shapes minilm3 --shares 1 2 --steps 50 --out $OUT/share.json
+    python -m search.benchmarks.share_bench                                   # both shapes, 1, 2 and 4 trials
+    python -m search.benchmarks.share_bench --shapes minilm3 --shares 1 2 --steps 50 --out $OUT/share.json
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ def measure(shape: dict, shares: int, steps: int, warmup: int) -> list[float]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m search.share_bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m search.benchmarks.share_bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--shares", nargs="+", type=int, default=[1, 2, 4], help="trials sharing the device at once")
     parser.add_argument("--steps", type=int, default=100, help="timed steps per trial process")

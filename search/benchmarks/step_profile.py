@@ -5,8 +5,8 @@ a random head, which costs the same as a trained one), batches of 32 as a sweep 
 loss against random soft targets, in the precisions asked for (default ``auto``). Each setting runs twice,
 alternating, so a slow spell of the host shows as disagreement between the two runs.
 
-    python -m search.step_profile            # from the project root; needs ../shared (see README)
-    python -m search.step_profile --precision auto bf16 --freeze false --steps 40   # auto against explicit bf16
+    python -m search.benchmarks.step_profile            # from the project root; needs ../shared (see README)
+    python -m search.benchmarks.step_profile --precision auto bf16 --freeze false --steps 40   # auto against explicit bf16
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def profile(teacher: Classifier, encoded: batching.Encoded, frozen: bool, mixed_
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m search.step_profile", description="Where a student training step's time goes.")
+    parser = argparse.ArgumentParser(prog="python -m search.benchmarks.step_profile", description="Where a student training step's time goes.")
     parser.add_argument("--precision", nargs="+", default=["auto"], choices=["auto", "bf16", "no"], help="train.mixed_precision values")
     parser.add_argument("--freeze", nargs="+", default=["false", "true"], choices=["false", "true"], help="freeze_word_embeddings values")
     parser.add_argument("--steps", type=int, default=100, help="timed steps per run")

@@ -1,0 +1,6 @@
+"""Benchmarks: the scripts behind the README's measured figures, kept apart from the sweep itself.
+
+``bench`` (the figures of the ``bench`` job), ``step_profile`` (where a student step's time goes),
+``share_bench`` (trials sharing one device), ``trainer_recipe`` and ``side_by_side`` (the sweep
+against the Hugging Face Trainer recipe). Each runs as ``python -m search.benchmarks.<name>``.
+"""
