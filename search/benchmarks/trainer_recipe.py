@@ -131,8 +131,8 @@ def _accuracy(prediction) -> dict[str, float]:
 
 def run_recipe(cfg: ExperimentConfig, teacher_version: str) -> RecipeResult:
     """The recipe's sweep of ``cfg.search.n_trials`` trials with version ``teacher_version`` of the
-    experiment's registered teacher, in a new run of the MLflow experiment ``<name>-trainer-recipe``."""
-    check(cfg)
+    experiment's registered teacher, in a new run of the MLflow experiment ``<name>-trainer-recipe``.
+    The caller runs ``check(cfg)`` first, before any other work it times."""
     train_cfg = cfg.distill.train
     chosen = precision.resolve(train_cfg.mixed_precision).mixed_precision
     splits = load_splits(cfg.data)
