@@ -11,6 +11,7 @@ per epoch that holds what the bar would show (steps, examples/s, elapsed) and th
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, get_linear_schedule_with_warmup
 
-from kdlib import precision
+from kdlib import dropout, precision
 from kdlib.config import TrainConfig
 from kdlib.errors import KDError
 
@@ -114,6 +115,55 @@ def score_evaluation(
     return logits, {**metrics, "val_eval_gap": val_accuracy - metrics["eval_accuracy"]}
 
 
+def train_epoch(
+    model: torch.nn.Module,
+    train_loader: torch.utils.data.DataLoader,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    accelerator: Accelerator,
+    loss_fn: LossFn,
+    cfg: TrainConfig,
+    desc: str,
+) -> dict[str, float]:
+    """One pass over ``train_loader``: the mean loss and its named parts, examples/s and seconds."""
+    model.train()
+    loss_sum = torch.zeros((), device=accelerator.device)
+    part_sums: dict[str, torch.Tensor] = {}
+    examples = 0
+    started = time.perf_counter()
+    # disable=None: no bar when not a TTY (fit then prints one line per epoch)
+    bar = tqdm(train_loader, desc=desc, disable=None if accelerator.is_local_main_process else True, leave=False)
+    for step, batch in enumerate(bar, start=1):
+        with accelerator.accumulate(model):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            loss, parts = loss_fn(logits, batch)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        loss_sum += loss.detach()
+        for name, value in parts.items():
+            part_sums[name] = part_sums.get(name, 0) + value.detach()
+        examples += len(batch["labels"])
+        if step % cfg.log_every == 0:
+            running = float(loss_sum) / step  # the only host sync inside an epoch
+            if not math.isfinite(running):
+                raise NonFiniteLoss(f"training loss became {running} in {desc} at step {step}")
+            bar.set_postfix(loss=f"{running:.4f}")
+    seconds = time.perf_counter() - started
+    train_loss = float(loss_sum) / len(train_loader)
+    if not math.isfinite(train_loss):
+        raise NonFiniteLoss(f"training loss became {train_loss} in {desc}")
+    return {
+        "train_loss": train_loss,
+        **{f"train_{name}": float(value) / len(train_loader) for name, value in part_sums.items()},
+        "train_examples_per_s": examples * accelerator.num_processes / seconds,
+        "train_seconds": seconds,
+    }
+
+
 def fit(
     model: PreTrainedModel,
     train_loader: torch.utils.data.DataLoader,
@@ -140,52 +190,17 @@ def fit(
     model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
     result = FitResult(model=model)
     fit_started = time.perf_counter()
-    for epoch in range(1, cfg.epochs + 1):
-        if hasattr(sampler, "set_epoch"):  # length-grouped batches reshuffle per epoch
-            sampler.set_epoch(epoch)
-        model.train()
-        loss_sum = torch.zeros((), device=accelerator.device)
-        part_sums: dict[str, torch.Tensor] = {}
-        examples = 0
-        started = time.perf_counter()
-        bar = tqdm(
-            train_loader, desc=f"{label}epoch {epoch}/{cfg.epochs}", disable=None if accelerator.is_local_main_process else True, leave=False
-        )  # None: off when not a TTY
-        for step, batch in enumerate(bar, start=1):
-            with accelerator.accumulate(model):
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                loss, parts = loss_fn(logits, batch)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            loss_sum += loss.detach()
-            for name, value in parts.items():
-                part_sums[name] = part_sums.get(name, 0) + value.detach()
-            examples += len(batch["labels"])
-            if step % cfg.log_every == 0:
-                running = float(loss_sum) / step  # the only host sync inside an epoch
-                if not math.isfinite(running):
-                    raise NonFiniteLoss(f"training loss became {running} in epoch {epoch} at step {step}")
-                bar.set_postfix(loss=f"{running:.4f}")
-        train_loss = float(loss_sum) / len(train_loader)
-        seconds = time.perf_counter() - started
-        if not math.isfinite(train_loss):
-            raise NonFiniteLoss(f"training loss became {train_loss} in epoch {epoch}")
-        evaluation = evaluate(predict_logits(model, eval_loader, accelerator))
-        metrics = {
-            "train_loss": train_loss,
-            **{f"train_{name}": float(value) / len(train_loader) for name, value in part_sums.items()},
-            **{f"val_{name}": value for name, value in evaluation.items()},
-            "train_examples_per_s": examples * accelerator.num_processes / seconds,
-            "train_seconds": seconds,
-        }
-        result.history.append(metrics)
-        if bar.disable and accelerator.is_local_main_process:
-            print(epoch_line(label, epoch, cfg.epochs, len(train_loader), metrics, time.perf_counter() - fit_started), flush=True)
-        if on_epoch_end is not None:
-            on_epoch_end(epoch, metrics)
+    with dropout.cpu_dropout(model):
+        for epoch in range(1, cfg.epochs + 1):
+            if hasattr(sampler, "set_epoch"):  # length-grouped batches reshuffle per epoch
+                sampler.set_epoch(epoch)
+            metrics = train_epoch(model, train_loader, optimizer, scheduler, accelerator, loss_fn, cfg, f"{label}epoch {epoch}/{cfg.epochs}")
+            evaluation = evaluate(predict_logits(model, eval_loader, accelerator))
+            metrics = {**metrics, **{f"val_{name}": value for name, value in evaluation.items()}}
+            result.history.append(metrics)
+            if not sys.stderr.isatty() and accelerator.is_local_main_process:
+                print(epoch_line(label, epoch, cfg.epochs, len(train_loader), metrics, time.perf_counter() - fit_started), flush=True)
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, metrics)
     result.model = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
     return result

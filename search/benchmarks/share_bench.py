@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
-from kdlib import batching, precision
+from kdlib import batching, dropout, precision
 from kdlib.config import TrainConfig
 from kdlib.losses import kd_loss
 from kdlib.training import make_accelerator, make_optimizer
@@ -71,16 +71,17 @@ def _trial(shape: dict, steps: int, warmup: int, threads: int, seed: int, ready,
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    for _ in range(warmup):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    ready.wait()  # every process starts timing together, so the k trials truly share the device
-    started = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    with dropout.cpu_dropout(model):  # as the training loop trains
+        for _ in range(warmup):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        ready.wait()  # every process starts timing together, so the k trials truly share the device
+        started = time.perf_counter()
+        for _ in range(steps):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
     results.put(steps * BATCH / (time.perf_counter() - started))
 
 
