@@ -86,7 +86,12 @@ def test_fit_trains_with_fast_dropout_and_returns_torch_modules(tmp_path):
 
     cfg = CFG.__class__(**{**CFG.__dict__, "epochs": 1})
     result = fit(
-        clf.model, batching.train_loader(train, pad, 16, 0), batching.eval_loader(train, pad, 64), lambda logits: {"accuracy": 0.0, "loss": 0.0}, cfg, loss_fn
+        clf.model,
+        batching.train_loader(train, pad, 16, 0),
+        batching.eval_loader(train, pad, 64),
+        lambda logits: {"accuracy": 0.0, "loss": 0.0},
+        cfg,
+        loss_fn,
     )
     assert seen and min(seen) > 0
     assert not any(isinstance(m, FastDropout) for m in result.model.modules())
