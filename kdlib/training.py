@@ -25,7 +25,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, get_linear_schedule_with_warmup
 
-from kdlib import dropout, precision
+from kdlib import dropout, embedding_gradient, precision
 from kdlib.config import TrainConfig
 from kdlib.errors import KDError
 
@@ -124,8 +124,10 @@ def train_epoch(
     loss_fn: LossFn,
     cfg: TrainConfig,
     desc: str,
+    keep_grads: bool,
 ) -> dict[str, float]:
-    """One pass over ``train_loader``: the mean loss and its named parts, examples/s and seconds."""
+    """One pass over ``train_loader``: the mean loss and its named parts, examples/s and seconds.
+    ``keep_grads``: zero gradients in place rather than free them (``kdlib/embedding_gradient.py``)."""
     model.train()
     loss_sum = torch.zeros((), device=accelerator.device)
     part_sums: dict[str, torch.Tensor] = {}
@@ -142,7 +144,7 @@ def train_epoch(
                 accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
             optimizer.step()
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=not keep_grads)
         loss_sum += loss.detach()
         for name, value in parts.items():
             part_sums[name] = part_sums.get(name, 0) + value.detach()
@@ -190,11 +192,13 @@ def fit(
     model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
     result = FitResult(model=model)
     fit_started = time.perf_counter()
-    with dropout.cpu_dropout(model):
+    unwrapped = accelerator.unwrap_model(model)
+    with dropout.cpu_dropout(unwrapped), embedding_gradient.row_gradient(unwrapped, accelerator.device) as rows:
         for epoch in range(1, cfg.epochs + 1):
             if hasattr(sampler, "set_epoch"):  # length-grouped batches reshuffle per epoch
                 sampler.set_epoch(epoch)
-            metrics = train_epoch(model, train_loader, optimizer, scheduler, accelerator, loss_fn, cfg, f"{label}epoch {epoch}/{cfg.epochs}")
+            desc = f"{label}epoch {epoch}/{cfg.epochs}"
+            metrics = train_epoch(model, train_loader, optimizer, scheduler, accelerator, loss_fn, cfg, desc, keep_grads=rows)
             evaluation = evaluate(predict_logits(model, eval_loader, accelerator))
             metrics = {**metrics, **{f"val_{name}": value for name, value in evaluation.items()}}
             result.history.append(metrics)
@@ -202,5 +206,6 @@ def fit(
                 print(epoch_line(label, epoch, cfg.epochs, len(train_loader), metrics, time.perf_counter() - fit_started), flush=True)
             if on_epoch_end is not None:
                 on_epoch_end(epoch, metrics)
+    model.zero_grad(set_to_none=True)  # the trained model carries no gradient buffers
     result.model = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
     return result

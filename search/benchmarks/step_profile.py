@@ -6,7 +6,7 @@ loss against random soft targets, in the precisions asked for (default ``auto``)
 alternating, so a slow spell of the host shows as disagreement between the two runs.
 
     python -m search.benchmarks.step_profile            # from the project root; needs ../shared (see README)
-    python -m search.benchmarks.step_profile --precision auto bf16 --freeze false --dropout fast --steps 40   # auto against explicit bf16
+    python -m search.benchmarks.step_profile --precision auto bf16 --freeze false --loop kdlib --steps 40   # auto against explicit bf16
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import time
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from kdlib import batching, dropout, precision
+from kdlib import batching, dropout, embedding_gradient, precision
 from kdlib.config import DataConfig, TrainConfig
 from kdlib.data import load_splits
 from kdlib.losses import kd_loss
@@ -29,9 +29,10 @@ TEACHER = "../shared/models/all-MiniLM-L6-v2"
 WARMUP = 20  # untimed steps: the first steps of a fresh model are slower
 
 
-def profile(teacher: Classifier, encoded: batching.Encoded, frozen: bool, fast_dropout: bool, mixed_precision: str, steps: int) -> dict[str, float]:
-    """Seconds per part, summed over the timed steps, and the number of timed steps. ``fast_dropout``:
-    the training loop's ``kdlib.dropout.FastDropout``, else torch's own dropout (the loop before it)."""
+def profile(teacher: Classifier, encoded: batching.Encoded, frozen: bool, loop: str, mixed_precision: str, steps: int) -> dict[str, float]:
+    """Seconds per part, summed over the timed steps, and the number of timed steps. ``loop``: "kdlib"
+    steps as ``kdlib.training.fit`` does (its CPU dropout and word-embedding row gradients), "torch"
+    with torch's dropout and dense gradients freed every step (the loop before those two)."""
     model = cut_from_teacher(teacher, (0, 2, 4)).model.train()
     cfg = TrainConfig(learning_rate=1e-4, freeze_word_embeddings=frozen, mixed_precision=mixed_precision)
     if frozen:
@@ -41,13 +42,17 @@ def profile(teacher: Classifier, encoded: batching.Encoded, frozen: bool, fast_d
     targets = torch.randn(len(encoded), 2)
     batches = iter(batching.train_loader(encoded, teacher.tokenizer.pad_token_id, cfg.batch_size, 0))
     parts = dict.fromkeys(("data", "forward", "backward", "clip", "optimizer"), 0.0)
-    with dropout.cpu_dropout(model) if fast_dropout else contextlib.nullcontext():
+    with contextlib.ExitStack() as stack:
+        keep_grads = False
+        if loop == "kdlib":
+            stack.enter_context(dropout.cpu_dropout(model))
+            keep_grads = stack.enter_context(embedding_gradient.row_gradient(model, accelerator.device))
         for step in range(WARMUP + steps):
-            _timed_step(model, optimizer, accelerator, batches, targets, cfg, parts if step >= WARMUP else None)
+            _timed_step(model, optimizer, accelerator, batches, targets, cfg, keep_grads, parts if step >= WARMUP else None)
     return {**parts, "steps": steps}
 
 
-def _timed_step(model, optimizer, accelerator, batches, targets, cfg: TrainConfig, parts: dict[str, float] | None) -> None:
+def _timed_step(model, optimizer, accelerator, batches, targets, cfg: TrainConfig, keep_grads: bool, parts: dict[str, float] | None) -> None:
     """One KD training step; adds each part's seconds to ``parts`` unless it is None (a warm-up step)."""
     marks = [time.perf_counter()]
     batch = next(batches)
@@ -60,7 +65,7 @@ def _timed_step(model, optimizer, accelerator, batches, targets, cfg: TrainConfi
     accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
     marks.append(time.perf_counter())
     optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    optimizer.zero_grad(set_to_none=not keep_grads)
     marks.append(time.perf_counter())
     if parts is not None:
         for name, start, end in zip(parts, marks[:-1], marks[1:], strict=True):
@@ -71,22 +76,28 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m search.benchmarks.step_profile", description="Where a student training step's time goes.")
     parser.add_argument("--precision", nargs="+", default=["auto"], choices=["auto", "bf16", "no"], help="train.mixed_precision values")
     parser.add_argument("--freeze", nargs="+", default=["false", "true"], choices=["false", "true"], help="freeze_word_embeddings values")
-    parser.add_argument("--dropout", nargs="+", default=["torch", "fast"], choices=["torch", "fast"], help="torch's dropout or kdlib.dropout's")
+    parser.add_argument(
+        "--loop",
+        nargs="+",
+        default=["torch", "kdlib"],
+        choices=["torch", "kdlib"],
+        help="step as kdlib's loop does, or with torch's dropout and dense gradients",
+    )
     parser.add_argument("--steps", type=int, default=100, help="timed steps per run")
     args = parser.parse_args(argv)
     tokenizer = AutoTokenizer.from_pretrained(TEACHER)
     teacher = Classifier(tokenizer, AutoModelForSequenceClassification.from_pretrained(TEACHER, num_labels=2))
     splits = load_splits(DataConfig(source="../shared/data/sst2", max_train_examples=8000))
     encoded = batching.encode(splits.train, tokenizer, 128, ".kdcache")
-    settings = [(chosen, frozen == "true", drop == "fast") for chosen in args.precision for frozen in args.freeze for drop in args.dropout]
-    for chosen, frozen, fast in settings * 2:
-        parts = profile(teacher, encoded, frozen, fast, chosen, args.steps)
+    settings = [(chosen, frozen == "true", loop) for chosen in args.precision for frozen in args.freeze for loop in args.loop]
+    for chosen, frozen, loop in settings * 2:
+        parts = profile(teacher, encoded, frozen, loop, chosen, args.steps)
         steps = parts.pop("steps")
         total = sum(parts.values())
         shares = ", ".join(f"{name} {1e3 * spent / steps:.1f} ms ({spent / total:.0%})" for name, spent in parts.items())
         resolved = precision.resolve(chosen).mixed_precision
         print(
-            f"mixed_precision={chosen} ({resolved}) freeze_word_embeddings={frozen} dropout={'fast' if fast else 'torch'}: "
+            f"mixed_precision={chosen} ({resolved}) freeze_word_embeddings={frozen} loop={loop}: "
             f"{1e3 * total / steps:.1f} ms/step, "
             f"{32 * steps / total:.0f} examples/s; {shares}",
             flush=True,
