@@ -2,8 +2,8 @@
 
 A benchmark, not a job: the 3-layer student cut from the sst2-minilm teacher (pretrained weights and
 a random head, which costs the same as a trained one), batches of 32 as a sweep trains them, the KD
-loss against random soft targets, in the precisions asked for (default ``auto``). Each setting runs twice,
-alternating, so a slow spell of the host shows as disagreement between the two runs.
+loss against random soft targets, in the precisions asked for (default ``auto``). Each setting runs ``--rounds`` times,
+alternating, so a slow spell of the host shows as disagreement between the runs.
 
     python -m search.benchmarks.step_profile            # from the project root; needs ../shared (see README)
     python -m search.benchmarks.step_profile --precision auto bf16 --freeze false --loop kdlib --steps 40   # auto against explicit bf16
@@ -84,13 +84,14 @@ def main(argv: list[str] | None = None) -> None:
         help="step as kdlib's loop does, or with torch's dropout and dense gradients",
     )
     parser.add_argument("--steps", type=int, default=100, help="timed steps per run")
+    parser.add_argument("--rounds", type=int, default=2, help="runs of every setting, alternating")
     args = parser.parse_args(argv)
     tokenizer = AutoTokenizer.from_pretrained(TEACHER)
     teacher = Classifier(tokenizer, AutoModelForSequenceClassification.from_pretrained(TEACHER, num_labels=2))
     splits = load_splits(DataConfig(source="../shared/data/sst2", max_train_examples=8000))
     encoded = batching.encode(splits.train, tokenizer, 128, ".kdcache")
     settings = [(chosen, frozen == "true", loop) for chosen in args.precision for frozen in args.freeze for loop in args.loop]
-    for chosen, frozen, loop in settings * 2:
+    for chosen, frozen, loop in settings * args.rounds:
         parts = profile(teacher, encoded, frozen, loop, chosen, args.steps)
         steps = parts.pop("steps")
         total = sum(parts.values())
