@@ -13,7 +13,8 @@ from __future__ import annotations
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -115,6 +116,14 @@ def score_evaluation(
     return logits, {**metrics, "val_eval_gap": val_accuracy - metrics["eval_accuracy"]}
 
 
+@contextmanager
+def lean_steps(model: torch.nn.Module, device: torch.device) -> Iterator[bool]:
+    """While training: the CPU's cheaper dropout (``kdlib/dropout.py``) and word-embedding row gradients
+    (``kdlib/embedding_gradient.py``). Yields whether steps must zero gradients in place."""
+    with dropout.cpu_dropout(model), embedding_gradient.row_gradient(model, device) as keep_grads:
+        yield keep_grads
+
+
 def train_epoch(
     model: torch.nn.Module,
     train_loader: torch.utils.data.DataLoader,
@@ -127,7 +136,7 @@ def train_epoch(
     keep_grads: bool,
 ) -> dict[str, float]:
     """One pass over ``train_loader``: the mean loss and its named parts, examples/s and seconds.
-    ``keep_grads``: zero gradients in place rather than free them (``kdlib/embedding_gradient.py``)."""
+    ``keep_grads``: zero gradients in place rather than free them (``lean_steps``)."""
     model.train()
     loss_sum = torch.zeros((), device=accelerator.device)
     part_sums: dict[str, torch.Tensor] = {}
@@ -193,12 +202,12 @@ def fit(
     result = FitResult(model=model)
     fit_started = time.perf_counter()
     unwrapped = accelerator.unwrap_model(model)
-    with dropout.cpu_dropout(unwrapped), embedding_gradient.row_gradient(unwrapped, accelerator.device) as rows:
+    with lean_steps(unwrapped, accelerator.device) as keep_grads:
         for epoch in range(1, cfg.epochs + 1):
             if hasattr(sampler, "set_epoch"):  # length-grouped batches reshuffle per epoch
                 sampler.set_epoch(epoch)
             desc = f"{label}epoch {epoch}/{cfg.epochs}"
-            metrics = train_epoch(model, train_loader, optimizer, scheduler, accelerator, loss_fn, cfg, desc, keep_grads=rows)
+            metrics = train_epoch(model, train_loader, optimizer, scheduler, accelerator, loss_fn, cfg, desc, keep_grads=keep_grads)
             evaluation = evaluate(predict_logits(model, eval_loader, accelerator))
             metrics = {**metrics, **{f"val_{name}": value for name, value in evaluation.items()}}
             result.history.append(metrics)

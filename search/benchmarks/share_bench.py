@@ -28,10 +28,10 @@ import numpy as np
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
-from kdlib import batching, dropout, embedding_gradient, precision
+from kdlib import batching, precision
 from kdlib.config import TrainConfig
 from kdlib.losses import kd_loss
-from kdlib.training import make_accelerator, make_optimizer
+from kdlib.training import lean_steps, make_accelerator, make_optimizer
 
 SHAPES = {
     "minilm3": {"hidden_size": 384, "num_hidden_layers": 3, "num_attention_heads": 12, "intermediate_size": 1536},
@@ -71,8 +71,7 @@ def _trial(shape: dict, steps: int, warmup: int, threads: int, seed: int, ready,
         optimizer.step()
         optimizer.zero_grad(set_to_none=not keep_grads)
 
-    # as kdlib's training loop steps: its CPU dropout and word-embedding row gradients
-    with dropout.cpu_dropout(model), embedding_gradient.row_gradient(model, device) as keep_grads:
+    with lean_steps(model, device) as keep_grads:  # as kdlib's training loop steps
         for _ in range(warmup):
             step(keep_grads)
         if device.type == "cuda":

@@ -18,12 +18,12 @@ import time
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from kdlib import batching, dropout, embedding_gradient, precision
+from kdlib import batching, precision
 from kdlib.config import DataConfig, TrainConfig
 from kdlib.data import load_splits
 from kdlib.losses import kd_loss
 from kdlib.models import Classifier, cut_from_teacher
-from kdlib.training import make_accelerator, make_optimizer
+from kdlib.training import lean_steps, make_accelerator, make_optimizer
 
 TEACHER = "../shared/models/all-MiniLM-L6-v2"
 WARMUP = 20  # untimed steps: the first steps of a fresh model are slower
@@ -31,7 +31,7 @@ WARMUP = 20  # untimed steps: the first steps of a fresh model are slower
 
 def profile(teacher: Classifier, encoded: batching.Encoded, frozen: bool, loop: str, mixed_precision: str, steps: int) -> dict[str, float]:
     """Seconds per part, summed over the timed steps, and the number of timed steps. ``loop``: "kdlib"
-    steps as ``kdlib.training.fit`` does (its CPU dropout and word-embedding row gradients), "torch"
+    steps as ``kdlib.training.fit`` does (``lean_steps``: its CPU dropout and word-embedding row gradients), "torch"
     with torch's dropout and dense gradients freed every step (the loop before those two)."""
     model = cut_from_teacher(teacher, (0, 2, 4)).model.train()
     cfg = TrainConfig(learning_rate=1e-4, freeze_word_embeddings=frozen, mixed_precision=mixed_precision)
@@ -42,11 +42,7 @@ def profile(teacher: Classifier, encoded: batching.Encoded, frozen: bool, loop: 
     targets = torch.randn(len(encoded), 2)
     batches = iter(batching.train_loader(encoded, teacher.tokenizer.pad_token_id, cfg.batch_size, 0))
     parts = dict.fromkeys(("data", "forward", "backward", "clip", "optimizer"), 0.0)
-    with contextlib.ExitStack() as stack:
-        keep_grads = False
-        if loop == "kdlib":
-            stack.enter_context(dropout.cpu_dropout(model))
-            keep_grads = stack.enter_context(embedding_gradient.row_gradient(model, accelerator.device))
+    with lean_steps(model, accelerator.device) if loop == "kdlib" else contextlib.nullcontext(False) as keep_grads:
         for step in range(WARMUP + steps):
             _timed_step(model, optimizer, accelerator, batches, targets, cfg, keep_grads, parts if step >= WARMUP else None)
     return {**parts, "steps": steps}
