@@ -3,9 +3,7 @@ import torch
 
 from kdlib import batching
 from kdlib.dropout import FastDropout, cpu_dropout, drop_threshold
-from kdlib.training import fit
-from tests.helpers import demo_splits, tiny_classifier
-from tests.test_training import CFG
+from tests.helpers import demo_splits, fit_one_epoch, tiny_classifier
 
 N = 4_000_000
 
@@ -76,22 +74,12 @@ def test_swaps_every_dropout_while_training_and_puts_the_originals_back():
 def test_fit_trains_with_fast_dropout_and_returns_torch_modules(tmp_path):
     splits = demo_splits(max_train=200, max_eval=50)
     clf = tiny_classifier(splits.train.texts)
-    train = batching.encode(splits.train, clf.tokenizer, 64, tmp_path)
-    pad = clf.tokenizer.pad_token_id
     seen = []
 
     def loss_fn(logits, batch):
         seen.append(sum(isinstance(m, FastDropout) and m.training for m in clf.model.modules()))
         return torch.nn.functional.cross_entropy(logits.float(), batch["labels"]), {}
 
-    cfg = CFG.__class__(**{**CFG.__dict__, "epochs": 1})
-    result = fit(
-        clf.model,
-        batching.train_loader(train, pad, 16, 0),
-        batching.eval_loader(train, pad, 64),
-        lambda logits: {"accuracy": 0.0, "loss": 0.0},
-        cfg,
-        loss_fn,
-    )
+    result = fit_one_epoch(clf, batching.encode(splits.train, clf.tokenizer, 64, tmp_path), loss_fn=loss_fn)
     assert seen and min(seen) > 0
     assert not any(isinstance(m, FastDropout) for m in result.model.modules())

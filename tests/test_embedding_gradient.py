@@ -6,8 +6,8 @@ import torch
 from kdlib import batching
 from kdlib.config import TrainConfig
 from kdlib.embedding_gradient import row_gradient
-from kdlib.training import fit, make_optimizer
-from tests.helpers import demo_splits, tiny_classifier
+from kdlib.training import make_optimizer
+from tests.helpers import demo_splits, fit_one_epoch, tiny_classifier
 
 CPU = torch.device("cpu")
 
@@ -70,17 +70,8 @@ def test_frozen_embeddings_keep_the_dense_path(setup):
     assert clf.model.get_input_embeddings().weight.grad is None
 
 
-def test_fit_returns_a_model_without_gradient_buffers(setup, tmp_path):
+def test_fit_returns_a_model_without_gradient_buffers(setup):
     splits, encoded = setup
-    clf = tiny_classifier(splits.train.texts)
-    pad = clf.tokenizer.pad_token_id
-    cfg = TrainConfig(learning_rate=1e-3, epochs=1, batch_size=16, mixed_precision="no")
-    result = fit(
-        clf.model,
-        batching.train_loader(encoded, pad, 16, 0),
-        batching.eval_loader(encoded, pad, 64),
-        lambda logits: {"accuracy": 0.0, "loss": 0.0},
-        cfg,
-    )
+    result = fit_one_epoch(tiny_classifier(splits.train.texts), encoded)
     assert all(p.grad is None for p in result.model.parameters())
     assert not result.model.get_input_embeddings().sparse

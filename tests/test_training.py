@@ -8,7 +8,7 @@ from kdlib.config import TrainConfig
 from kdlib.errors import KDError
 from kdlib.metrics import classification_metrics
 from kdlib.training import NonFiniteLoss, fit, make_accelerator, predict_logits
-from tests.helpers import demo_splits, tiny_classifier
+from tests.helpers import demo_splits, fit_one_epoch, tiny_classifier
 
 CFG = TrainConfig(learning_rate=3e-3, epochs=3, batch_size=16, eval_batch_size=64, mixed_precision="no", log_every=5, seed=7)
 
@@ -87,12 +87,8 @@ def test_frozen_word_embeddings_stay_as_loaded_while_the_rest_trains(tmp_path):
     splits = demo_splits(max_train=300, max_eval=50)
     clf = tiny_classifier(splits.train.texts)
     before = {name: p.detach().clone() for name, p in clf.model.named_parameters()}
-    train = batching.encode(splits.train, clf.tokenizer, 64, tmp_path)
-    pad = clf.tokenizer.pad_token_id
     cfg = TrainConfig(**{**CFG.__dict__, "epochs": 1, "freeze_word_embeddings": True})
-    result = fit(
-        clf.model, batching.train_loader(train, pad, 16, 0), batching.eval_loader(train, pad, 64), lambda logits: {"accuracy": 0.0, "loss": 0.0}, cfg
-    )
+    result = fit_one_epoch(clf, batching.encode(splits.train, clf.tokenizer, 64, tmp_path), cfg)
     after = dict(result.model.named_parameters())
     words = "bert.embeddings.word_embeddings.weight"
     assert torch.equal(after[words], before[words])
