@@ -15,6 +15,7 @@ CPU = torch.device("cpu")
 def steps(model, loader, rows: bool, n: int = 6) -> None:
     """``n`` AdamW steps as the training loop takes them, with or without row gradients."""
     optimizer = make_optimizer(model, TrainConfig(learning_rate=1e-2), CPU)
+    torch.manual_seed(0)  # the same dropout masks with and without, whatever ran before
     with row_gradient(model, CPU) if rows else contextlib.nullcontext(False) as keep:
         assert keep == rows
         for _, batch in zip(range(n), loader, strict=False):
