@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import optuna
-from optuna.trial import TrialState
 
 from kdlib import registry, tracking
 from kdlib.config import ExperimentConfig
 from kdlib.configure import replace
 from kdlib.student import StudentData, log_student_run
 from search.space import suggest
-from search.study import EVAL_ATTR, MODEL_ATTR, RUN_ATTR, WORKER_ATTR, WORKER_RUN_ATTR, worker_id
+from search.study import COUNTED, EVAL_ATTR, MODEL_ATTR, RUN_ATTR, WORKER_ATTR, WORKER_RUN_ATTR, worker_id
 
 # Short names of searched settings in run names and log lines: trial-3 T=5.2 a=0.72 lr=4.4e-05 ep=2.
 SHORT = {
@@ -20,8 +19,6 @@ SHORT = {
     "distill.train.epochs": "ep",
     "distill.transfer.copies": "copies",
 }
-# Trials that hold (or will hold) one of the n_trials places.
-COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
 
 
 class SurplusTrial(Exception):
@@ -33,7 +30,7 @@ class Objective:
         self.cfg = cfg
         self.data = data
         self.study_name = study_name
-        self.surplus = False  # set when this worker found the study full; its loop then stops
+        self.surplus = False  # set when this worker found the study full; it then waits for room or the end
         self.places: dict[int, int] = {}  # Optuna trial number -> its place among the n_trials (1-based)
 
     def _check_place(self, trial: optuna.Trial) -> int:

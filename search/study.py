@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+import time
+import warnings
 from pathlib import Path
 
 import optuna
@@ -25,10 +27,13 @@ ROOT_ATTR = "mlflow_sweep_run_id"  # study attribute: the sweep's first MLflow r
 STORE_ATTR = "mlflow_tracking_uri"  # study attribute: the MLflow store its runs and models live in
 JOURNAL = "optuna-journal"
 HEARTBEAT_S = 10
+POLL_S = 1.0  # how often a worker with no place left looks at the study again while other workers' trials run
 # Trial attributes: the trial's own MLflow run, its worker's run, and the worker process.
 RUN_ATTR, WORKER_RUN_ATTR, WORKER_ATTR = "mlflow_run_id", "worker_run_id", "worker"
 MODEL_ATTR = "model_uri"  # trial attribute: the trained student's model URI
 EVAL_ATTR = "eval_accuracy"  # trial attribute: its evaluation-split accuracy (never the objective)
+# Trials that hold (or will hold) one of the n_trials places.
+COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
 
 
 def study_name(cfg: ExperimentConfig) -> str:
@@ -185,6 +190,20 @@ def recover_dead_local_trials(study: optuna.Study) -> list[int]:
         if key.startswith(f"{WORKER_ATTR}:") and _dead_here(key.partition(":")[2]):
             tracking.fail_if_running(run_id, "worker stopped")  # a worker killed between trials
     return recovered
+
+
+def has_room(study: optuna.Study, n_trials: int) -> bool:
+    """Whether a trial started now could hold one of the n_trials places: a retry waits, or fewer are counted."""
+    counted = study.get_trials(deepcopy=False, states=COUNTED)
+    return len(counted) < n_trials or any(t.state == TrialState.WAITING for t in counted)
+
+
+def wait_for_others(study: optuna.Study) -> None:
+    """One look while other workers' trials run: fail (and retry) those whose RDB heartbeat stopped, then pause."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+    time.sleep(POLL_S)
 
 
 def finished(study: optuna.Study) -> int:

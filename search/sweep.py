@@ -33,11 +33,13 @@ from search.study import (
     RUN_ATTR,
     check_store,
     finished,
+    has_room,
     make_pruner,
     make_storage,
     recover_dead_local_trials,
     register_worker,
     study_name,
+    wait_for_others,
 )
 
 
@@ -168,13 +170,9 @@ def _sweep(cfg: ExperimentConfig, workers: int, promote: bool) -> SweepResult | 
             )
             deadline = time.monotonic() + cfg.search.timeout if cfg.search.timeout else None
             _work(study, objective, deadline, [_log_best, progress])
-            if others:
-                for worker in others:
-                    worker.join()
-                # A local worker that died left its trial RUNNING: take it over, as any worker would.
-                objective.surplus = False
-                _work(study, objective, deadline, [_log_best, progress])
-                torch.set_num_threads(total)  # the plain student runs alone
+            for worker in others:
+                worker.join()
+            torch.set_num_threads(total)  # the plain student runs alone
             if not promote:
                 return None
             result = _promote_best(cfg, study, run.info.run_id, url, data)
@@ -182,9 +180,20 @@ def _sweep(cfg: ExperimentConfig, workers: int, promote: bool) -> SweepResult | 
 
 
 def _work(study: optuna.Study, objective: Objective, deadline: float | None, callbacks: list) -> None:
-    """Run trials until the study has n_trials finished or pruned ones, this worker finds it full, or time is up."""
-    while finished(study) < objective.cfg.search.n_trials and not objective.surplus and (deadline is None or time.monotonic() < deadline):
+    """Run trials until the study has n_trials finished or pruned ones, or time is up.
+
+    A worker that finds every place taken does not leave while other workers' trials run: it waits,
+    takes the retry of a trial whose worker died, and ends with the study. So every worker that ends
+    sees the same best trial and registers the same model, never one that a running trial then beats.
+    """
+    n_trials = objective.cfg.search.n_trials
+    while finished(study) < n_trials and (deadline is None or time.monotonic() < deadline):
         recover_dead_local_trials(study)  # before the trial, so this worker takes the retried one
+        if objective.surplus:
+            if not has_room(study, n_trials):
+                wait_for_others(study)
+                continue
+            objective.surplus = False
         study.optimize(objective, n_trials=1, catch=(NonFiniteLoss, SurplusTrial), callbacks=callbacks)
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import optuna
 import pytest
 from mlflow.tracking import MlflowClient
+from optuna.storages import RetryFailedTrialCallback
 from optuna.trial import TrialState
 
 from kdlib import student as student_module
@@ -18,7 +19,7 @@ from kdlib.configure import build_config, parse_overrides
 from kdlib.distill import run_distill
 from kdlib.errors import KDError
 from kdlib.teacher import run_teacher
-from search import space
+from search import space, sweep
 from search.study import default_storage, make_storage
 from search.sweep import run_sweep
 from tests.conftest import SMOKE, in_store, mlflow_run
@@ -221,6 +222,27 @@ def test_two_local_workers_share_the_study_and_register_once(with_teacher, capsy
     assert len(sweeps) == 2 and sum("mlflow.parentRunId" not in r.data.tags for r in sweeps) == 1  # one tree
     (version,) = client.search_model_versions("name = 'smoke-student'")
     assert version.run_id == max(done, key=lambda t: t.value).user_attrs["mlflow_run_id"]
+
+
+def test_a_worker_with_no_place_left_waits_for_the_running_trial_and_takes_its_retry(with_teacher, monkeypatch):
+    """A worker that finds the study full must not end the sweep (and register the best as it stands)
+    while another worker's trial runs: that trial may still beat it. Here that trial's worker dies: its
+    trial is failed and retried, as the RDB heartbeat does, and the waiting worker takes the retry."""
+    study = optuna.create_study(study_name="smoke-sweep", storage=make_storage(default_storage())[0], direction="maximize")
+    other = study.ask()  # another worker's trial, holding the only place
+    seen_running = []
+
+    def look(study):
+        seen_running.append([t.number for t in study.get_trials(states=(TrialState.RUNNING,))])
+        study._storage.set_trial_state_values(other._trial_id, TrialState.FAIL)  # its worker's heartbeat stopped
+        RetryFailedTrialCallback(max_retry=1)(study, study._storage.get_trial(other._trial_id))
+
+    monkeypatch.setattr(sweep, "wait_for_others", look)
+    result = run_sweep(config("n_trials=1", "pruner=none"))
+    assert seen_running == [[other.number]]  # it waited once, while the other trial ran
+    (done,) = [t for t in trials("smoke-sweep") if t.state == TrialState.COMPLETE]
+    assert RetryFailedTrialCallback.retried_trial_number(done) == other.number
+    assert result.finished == 1 and result.version is not None
 
 
 def test_the_sweep_ends_with_its_plain_student_and_the_distillation_gain(in_swept):
