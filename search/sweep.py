@@ -186,14 +186,17 @@ def _work(study: optuna.Study, objective: Objective, deadline: float | None, cal
     takes the retry of a trial whose worker died, and ends with the study. So every worker that ends
     sees the same best trial and registers the same model, never one that a running trial then beats.
     """
-    n_trials = objective.cfg.search.n_trials
+    n_trials, waiting = objective.cfg.search.n_trials, False
     while finished(study) < n_trials and (deadline is None or time.monotonic() < deadline):
         recover_dead_local_trials(study)  # before the trial, so this worker takes the retried one
         if objective.surplus:
             if not has_room(study, n_trials):
+                if not waiting:
+                    print(f"sweep: no trial left to start; waiting for other workers' trials ({finished(study)}/{n_trials} done)", flush=True)
+                waiting = True
                 wait_for_others(study)
                 continue
-            objective.surplus = False
+            objective.surplus = waiting = False
         study.optimize(objective, n_trials=1, catch=(NonFiniteLoss, SurplusTrial), callbacks=callbacks)
 
 

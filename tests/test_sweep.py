@@ -224,7 +224,7 @@ def test_two_local_workers_share_the_study_and_register_once(with_teacher, capsy
     assert version.run_id == max(done, key=lambda t: t.value).user_attrs["mlflow_run_id"]
 
 
-def test_a_worker_with_no_place_left_waits_for_the_running_trial_and_takes_its_retry(with_teacher, monkeypatch):
+def test_a_worker_with_no_place_left_waits_for_the_running_trial_and_takes_its_retry(with_teacher, monkeypatch, capsys):
     """A worker that finds the study full must not end the sweep (and register the best as it stands)
     while another worker's trial runs: that trial may still beat it. Here that trial's worker dies: its
     trial is failed and retried, as the RDB heartbeat does, and the waiting worker takes the retry."""
@@ -240,6 +240,7 @@ def test_a_worker_with_no_place_left_waits_for_the_running_trial_and_takes_its_r
     monkeypatch.setattr(sweep, "wait_for_others", look)
     result = run_sweep(config("n_trials=1", "pruner=none"))
     assert seen_running == [[other.number]]  # it waited once, while the other trial ran
+    assert "sweep: no trial left to start; waiting for other workers' trials (0/1 done)" in capsys.readouterr().out
     (done,) = [t for t in trials("smoke-sweep") if t.state == TrialState.COMPLETE]
     assert RetryFailedTrialCallback.retried_trial_number(done) == other.number
     assert result.finished == 1 and result.version is not None
