@@ -158,17 +158,20 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class TransferConfig:
-    """The transfer set: augmented copies of the training sentences that only the teacher labels (Tang et al. 2019).
+    """The transfer set: sentences that only the teacher labels (Tang et al. 2019): augmented copies of the
+    training sentences, and unlabelled in-domain sentences.
 
     Each copy changes every word with p_mask (the model's mask token) or p_replace (one of the word's
     nearest neighbours in the teacher's input embeddings), then with p_ngram keeps only a random 1-5 word n-gram.
 
-    copies: augmented copies per training sentence (0: no transfer set); copies equal to their sentence are dropped
+    copies: augmented copies per training sentence (0: none); copies equal to their sentence are dropped
     p_mask: chance that a word is masked
     p_replace: chance that a word is replaced by an embedding neighbour
     p_ngram: chance that a copy is cut to a random n-gram of 1 to 5 words
     neighbours: how many nearest embedding neighbours a replacement is drawn from
-    seed: seed of the augmentation
+    seed: seed of the augmentation and of the draw of unlabelled sentences
+    unlabelled_split: split of data.source whose sentences the teacher labels (their labels, if any, unread); sentences in the training, validation or evaluation split are left out (null: none)
+    unlabelled_max: at most this many unlabelled sentences, a seeded draw (null: all)
     """
 
     copies: int = 0
@@ -177,6 +180,8 @@ class TransferConfig:
     p_ngram: float = 0.25
     neighbours: int = 10
     seed: int = 0
+    unlabelled_split: str | None = None
+    unlabelled_max: int | None = None
 
     def __post_init__(self) -> None:
         _check(self.copies >= 0, "copies", "an integer >= 0", self.copies)
@@ -184,6 +189,18 @@ class TransferConfig:
             _check(0 <= getattr(self, key) <= 1, key, "a probability in [0, 1]", getattr(self, key))
         _check(self.p_mask + self.p_replace <= 1, "p_replace", f"a probability <= 1 - p_mask ({1 - self.p_mask:g})", self.p_replace)
         _check(self.neighbours >= 1, "neighbours", "an integer >= 1", self.neighbours)
+        _check(self.unlabelled_max is None or self.unlabelled_max >= 1, "unlabelled_max", "an integer >= 1 or null", self.unlabelled_max)
+        _check(
+            self.unlabelled_max is None or self.unlabelled_split is not None,
+            "unlabelled_max",
+            "null unless unlabelled_split names a split",
+            self.unlabelled_max,
+        )
+
+    @property
+    def enabled(self) -> bool:
+        """Whether there is a transfer set at all."""
+        return self.copies > 0 or self.unlabelled_split is not None
 
 
 @dataclass(frozen=True)
@@ -373,3 +390,12 @@ class ExperimentConfig:
 
     def __post_init__(self) -> None:
         _check(bool(self.name.strip()), "name", "a non-empty experiment name", self.name)
+        unlabelled = self.distill.transfer.unlabelled_split
+        scored = [self.data.eval_split] + ([self.data.validation_split] if self.data.validation_split else [])
+        # The teacher's labels on a scored split would leak its answers into the student.
+        _check(
+            unlabelled is None or unlabelled not in scored,
+            "distill.transfer.unlabelled_split",
+            f"a split other than {' and '.join(map(repr, scored))} (the scored splits), or null",
+            unlabelled,
+        )

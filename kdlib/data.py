@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,17 +121,27 @@ def _load_hub(name: str, split: str) -> tuple[pd.DataFrame, str, int]:
     return loaded.to_pandas(), f"hub dataset {name!r} split {split!r}", 0
 
 
-def _to_split(frame: pd.DataFrame, where: str, first_line: int, split: str, cfg: DataConfig, limit: int | None) -> TextSplit:
-    for column, key in ((cfg.text_column, "data.text_column"), (cfg.label_column, "data.label_column")):
+def _row(first_line: int) -> Callable[[int], str]:
+    return (lambda i: f"line {i + first_line}") if first_line else (lambda i: f"row {i}")
+
+
+def _texts(frame: pd.DataFrame, where: str, first_line: int, split: str, columns: dict[str, str]) -> list[str]:
+    """The sentences of a split; ``columns`` (column -> its config key) must all be present, the first holds the text."""
+    for column, key in columns.items():
         if column not in frame.columns:
             raise KDError(f"data: {where} has no column {column!r} (columns: {', '.join(map(str, frame.columns))}); set {key}")
     if len(frame) == 0:
-        raise KDError(f"data: {where} is empty; expected at least one labelled sentence in split {split!r}")
-    row = (lambda i: f"line {i + first_line}") if first_line else (lambda i: f"row {i}")
-    texts = frame[cfg.text_column].tolist()
+        raise KDError(f"data: {where} is empty; expected at least one sentence in split {split!r}")
+    texts = frame[next(iter(columns))].tolist()
     for i, text in enumerate(texts):
         if not isinstance(text, str) or not text.strip():
-            raise KDError(f"data: {where} {row(i)}: sentence {text!r} is empty or not text; expected a non-empty string")
+            raise KDError(f"data: {where} {_row(first_line)(i)}: sentence {text!r} is empty or not text; expected a non-empty string")
+    return texts
+
+
+def _to_split(frame: pd.DataFrame, where: str, first_line: int, split: str, cfg: DataConfig, limit: int | None) -> TextSplit:
+    texts = _texts(frame, where, first_line, split, {cfg.text_column: "data.text_column", cfg.label_column: "data.label_column"})
+    row = _row(first_line)
     names = {name: i for i, name in enumerate(cfg.label_names)}
     ids = {str(i): i for i in range(len(cfg.label_names))}
     labels = np.empty(len(frame), dtype=np.int64)
@@ -211,6 +222,26 @@ def load_splits(cfg: DataConfig) -> Splits:
             raise KDError(f"config: data.validation_split = {cfg.validation_split!r} cannot be read: {exc}") from None
     _two_labels(validation, cfg)
     return Splits(train=train, validation=validation, eval=evaluation)
+
+
+def load_unlabelled(cfg: DataConfig, split: str, splits: Splits, limit: int | None, seed: int) -> list[str]:
+    """Sentences of ``split`` for the teacher to label: only the text column is read; sentences
+    that are in any of ``splits`` and repeats are left out; at most ``limit`` of them, a seeded
+    draw kept in source order. Raises KDError naming ``distill.transfer.unlabelled_split``."""
+    key = f"config: distill.transfer.unlabelled_split = {split!r}"
+    try:
+        texts = _texts(*_frame(cfg, split), split, {cfg.text_column: "data.text_column"})
+    except KDError as exc:
+        raise KDError(f"{key} cannot be read: {exc}") from None
+    # Leaving out the scored sentences keeps the teacher's answers on them away from the student.
+    known = {text for part in (splits.train, splits.validation, splits.eval) for text in part.texts}
+    kept = [text for text in dict.fromkeys(texts) if text not in known]
+    if not kept:
+        raise KDError(f"{key} holds no sentence outside the training, validation and evaluation splits; expected a split with other sentences")
+    if limit is not None and limit < len(kept):
+        keep = np.sort(np.random.default_rng(seed).choice(len(kept), size=limit, replace=False))
+        kept = [kept[i] for i in keep]
+    return kept
 
 
 def _two_labels(split: TextSplit, cfg: DataConfig) -> None:

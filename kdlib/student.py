@@ -2,8 +2,8 @@
 
 ``prepare`` does the work every trial shares (data, the teacher's cached logits, the teacher's
 weights when the student is cut from them, tokenization) once; ``train_student`` builds a fresh
-student and trains it with the KD loss, on the training split and, when ``distill.transfer.copies``
-is set, on the teacher-labelled transfer set; ``log_student_run`` does that in the caller's MLflow
+student and trains it with the KD loss, on the training split and, when ``distill.transfer`` asks
+for one, on the teacher-labelled transfer set; ``log_student_run`` does that in the caller's MLflow
 run (the distill job's, or a sweep trial's). The teacher never runs during student training: it
 only labels a transfer set, once per set of settings, and the set is cached on its run.
 """
@@ -21,7 +21,7 @@ import torch
 
 from kdlib import batching, logits_cache, precision, registry, tracking, transfer
 from kdlib.config import ExperimentConfig, ModelConfig, TransferConfig
-from kdlib.data import Splits, load_splits
+from kdlib.data import Splits, load_splits, load_unlabelled
 from kdlib.errors import KDError
 from kdlib.losses import kd_loss
 from kdlib.metrics import agreement, classification_metrics
@@ -89,13 +89,16 @@ def prepare(cfg: ExperimentConfig, workdir: str) -> StudentData:
 
 
 def transfer_data(cfg: ExperimentConfig, data: StudentData) -> TransferData | None:
-    """The transfer set of ``cfg.distill.transfer`` as this student reads it (None without copies);
+    """The transfer set of ``cfg.distill.transfer`` as this student reads it (None when it has none);
     fetched from the teacher's run, or made, labelled and stored there on first use."""
     settings = cfg.distill.transfer
-    if settings.copies == 0:
+    if not settings.enabled:
         return None
     if settings not in data.transfers:
-        set_key = transfer.key(data.teacher_name, data.teacher_version, data.splits.train.fingerprint, settings, cfg.data.max_length)
+        unlabelled = (
+            load_unlabelled(cfg.data, settings.unlabelled_split, data.splits, settings.unlabelled_max, settings.seed) if settings.unlabelled_split else []
+        )
+        set_key = transfer.key(data.teacher_name, data.teacher_version, data.splits.train.fingerprint, settings, cfg.data.max_length, unlabelled)
 
         def make() -> transfer.TransferSet:
             if data.teacher is None:
@@ -108,8 +111,11 @@ def transfer_data(cfg: ExperimentConfig, data: StudentData) -> TransferData | No
                 loader = batching.eval_loader(encoded, teacher.tokenizer.pad_token_id, cfg.train.eval_batch_size)
                 return predict_logits(teacher.model, loader, accelerator)
 
-            print(f"students: labelling a transfer set of {settings.copies} copies per sentence with the teacher", flush=True)
-            return transfer.make(settings, data.splits.train, teacher, label)
+            print(
+                f"students: labelling a transfer set of {settings.copies} copies per sentence and {len(unlabelled)} unlabelled sentences with the teacher",
+                flush=True,
+            )
+            return transfer.make(settings, data.splits.train, unlabelled, teacher, label)
 
         made = _cached_transfer_set(data.teacher_run_id, set_key, data.workdir, make)
         encoded = batching.encode(transfer.as_split(made.texts, data.template.tokenizer), data.template.tokenizer, cfg.data.max_length, cfg.cache_dir)

@@ -1,10 +1,12 @@
-"""The transfer set: augmented copies of the training sentences that only the teacher labels.
+"""The transfer set: sentences that only the teacher labels.
 
 Task-specific data augmentation as in Tang et al. (2019, "Distilling task-specific knowledge from
 BERT into simple neural networks") and TinyBERT (Jiao et al., 2020): each copy of a sentence masks
 words, swaps words for near neighbours and may shrink to an n-gram. The neighbours come from the
 teacher's own input embeddings, so no extra model is needed. A copy has no trustworthy hard label
-(swapping "good" for "bad" flips it), so students learn from it through the KL term only.
+(swapping "good" for "bad" flips it), so students learn from it through the KL term only. Beside
+the copies, a set may hold unlabelled in-domain sentences (``kdlib.data.load_unlabelled``): the
+classic setting of distillation, where a small labelled set and plenty of raw text meet.
 
 Texts are stored with ``MASK`` where a word was masked; each model reads its own mask token there
 (``[MASK]`` for BERT, ``<mask>`` for MPNet), which is what lets a student with another tokenizer
@@ -38,7 +40,7 @@ QUERY_CHUNK = 2048  # query words per similarity product: bounds memory at chunk
 class TransferSet:
     texts: list[str]  # with MASK placeholders
     logits: np.ndarray  # the teacher's, [n, labels]
-    info: dict  # examples, label_flip_rate, augment_seconds, label_seconds (and digest, once cached)
+    info: dict  # examples, copies, unlabelled, label_flip_rate, augment_seconds, label_seconds (and digest, once cached)
 
 
 def _word_tokens(tokenizer: PreTrainedTokenizerBase) -> dict[str, int]:
@@ -118,28 +120,38 @@ def as_split(texts: list[str], tokenizer: PreTrainedTokenizerBase) -> TextSplit:
     return TextSplit("transfer", rendered, labels, fingerprint(rendered, labels))
 
 
-def key(teacher_model: str, teacher_version: str, train_fingerprint: str, cfg: TransferConfig, max_length: int) -> dict:
+def key(teacher_model: str, teacher_version: str, train_fingerprint: str, cfg: TransferConfig, max_length: int, unlabelled: list[str]) -> dict:
+    settings = asdict(cfg)
+    if cfg.unlabelled_split is None:  # so a set made before unlabelled sentences existed keeps its key and its cache
+        settings = {name: value for name, value in settings.items() if not name.startswith("unlabelled_")}
+    else:
+        settings["unlabelled_fingerprint"] = fingerprint(unlabelled, np.full(len(unlabelled), NO_LABEL, dtype=np.int64))
     return {
         "teacher_model": teacher_model,
         "teacher_version": str(teacher_version),
         "train_fingerprint": train_fingerprint,
         "max_length": max_length,
-        **{f"transfer.{name}": value for name, value in asdict(cfg).items()},
+        **{f"transfer.{name}": value for name, value in settings.items()},
     }
 
 
-def make(cfg: TransferConfig, train: TextSplit, teacher: Classifier, label: Callable[[list[str]], np.ndarray]) -> TransferSet:
-    """Augment ``train`` and label the copies: ``label(texts)`` returns the teacher's logits [n, labels]
-    for texts as the teacher's tokenizer reads them (see ``as_split``)."""
+def make(cfg: TransferConfig, train: TextSplit, unlabelled: list[str], teacher: Classifier, label: Callable[[list[str]], np.ndarray]) -> TransferSet:
+    """Augment ``train``, add the ``unlabelled`` sentences and label them all: ``label(texts)`` returns
+    the teacher's logits [n, labels] for texts as the teacher's tokenizer reads them (see ``as_split``)."""
     started = time.perf_counter()
-    words = {w.lower() for text in train.texts for w in text.split()}
-    embeddings = teacher.model.get_input_embeddings().weight.detach()
-    texts, sources = augment(train.texts, cfg, embedding_neighbours(teacher.tokenizer, embeddings, words, cfg.neighbours))
+    copies, sources = [], np.zeros(0, dtype=np.int64)
+    if cfg.copies:
+        words = {w.lower() for text in train.texts for w in text.split()}
+        embeddings = teacher.model.get_input_embeddings().weight.detach()
+        copies, sources = augment(train.texts, cfg, embedding_neighbours(teacher.tokenizer, embeddings, words, cfg.neighbours))
     augmented = time.perf_counter()
+    texts = copies + unlabelled
     logits = label(texts)
-    flips = float((logits.argmax(-1) != train.labels[sources]).mean()) if len(texts) else 0.0
+    flips = float((logits[: len(copies)].argmax(-1) != train.labels[sources]).mean()) if copies else 0.0
     info = {
         "examples": len(texts),
+        "copies": len(copies),
+        "unlabelled": len(unlabelled),
         "label_flip_rate": flips,  # the teacher's label of a copy is not its source sentence's label
         "augment_seconds": augmented - started,
         "label_seconds": time.perf_counter() - augmented,

@@ -23,7 +23,7 @@ from search.study import RUN_ATTR
 GAIN = "distillation_gain"
 BASELINE_TAG = "kd.baseline_of_trial"  # on the plain student's run: the trial it is the plain twin of
 # Distillation taken out of a trial's settings.
-PLAIN = {"distill.alpha": 0.0, "distill.transfer.copies": 0}
+PLAIN = {"distill.alpha": 0.0, "distill.transfer.copies": 0, "distill.transfer.unlabelled_split": None, "distill.transfer.unlabelled_max": None}
 
 
 @dataclass(frozen=True)

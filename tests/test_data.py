@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from kdlib.config import DataConfig
-from kdlib.data import load_split, load_splits
+from kdlib.data import load_split, load_splits, load_unlabelled
 from kdlib.errors import KDError
 from tests.conftest import write_tsv
 
@@ -134,6 +134,46 @@ def test_a_named_validation_split(tmp_path):
 )
 def test_bad_validation_settings_name_the_key(settings, fragments):
     expect_error(DataConfig(source="builtin:sentiment", **settings), *fragments)
+
+
+def test_unlabelled_sentences_leave_out_every_scored_sentence_and_repeats(tmp_path):
+    folder = glue(tmp_path / "g")
+    # Raw text with no label column, as unlabelled data comes; it repeats a training and an evaluation sentence.
+    raw = ["a gorgeous film", "moving", "new words here", "more new words", "new words here", "a third one"]
+    (folder / "raw.tsv").write_text("sentence\n" + "".join(f"{t}\n" for t in raw), encoding="utf-8")
+    cfg = DataConfig(source=str(folder), validation_split="val")
+    write_tsv(folder / "val.tsv", [("a third one", 1), ("flat", 0)])
+    splits = load_splits(cfg)
+    assert load_unlabelled(cfg, "raw", splits, None, seed=0) == ["new words here", "more new words"]
+    one = load_unlabelled(cfg, "raw", splits, 1, seed=0)
+    assert len(one) == 1 and one == load_unlabelled(cfg, "raw", splits, 1, seed=0)
+    assert {tuple(load_unlabelled(cfg, "raw", splits, 1, seed=s)) for s in range(8)} == {("new words here",), ("more new words",)}
+
+
+def test_unlabelled_sentences_from_the_training_split_are_those_outside_the_subset():
+    cfg = DataConfig(source="builtin:sentiment", max_train_examples=1000)
+    splits = load_splits(cfg)
+    pool = load_unlabelled(cfg, "train", splits, None, seed=0)
+    scored = set(splits.train.texts + splits.validation.texts + splits.eval.texts)
+    everything = set(load_split(cfg, "train").texts)
+    assert pool and not scored & set(pool) and set(pool) == everything - scored and len(set(pool)) == len(pool)
+
+
+@pytest.mark.parametrize(
+    ("split", "fragments"),
+    [
+        ("nope", ("distill.transfer.unlabelled_split = 'nope' cannot be read", "no file for split 'nope'")),
+        ("dev", ("distill.transfer.unlabelled_split = 'dev' holds no sentence outside", "expected a split with other sentences")),
+    ],
+)
+def test_bad_unlabelled_split_names_the_key(tmp_path, split, fragments):
+    folder = glue(tmp_path / "g")
+    cfg = DataConfig(source=str(folder), validation_split="dev2")
+    write_tsv(folder / "dev2.tsv", [("fine", 1), ("flat", 0)])
+    with pytest.raises(KDError) as err:
+        load_unlabelled(cfg, split, load_splits(cfg), None, seed=0)
+    for fragment in fragments:
+        assert fragment in str(err.value)
 
 
 def expect_error(cfg, *fragments):

@@ -54,6 +54,7 @@ def test_both_sweeps_try_the_same_settings_and_the_recipe_logs_each_trial(tmp_pa
     "override, named",
     [
         ("distill.transfer.copies=1", "distill.transfer.copies"),
+        ("distill.transfer.unlabelled_split=test", "distill.transfer.unlabelled_split"),
         ("search.space.distill.train.warmup_ratio={low: 0.0, high: 0.2}", "search.space.distill.train.warmup_ratio"),
         ("student.teacher_layers=[]", "student"),
     ],

@@ -16,6 +16,7 @@ from kdlib.configure import build_config, parse_overrides, replace
 from kdlib.errors import KDError
 from kdlib.losses import NO_LABEL, kd_loss
 from kdlib.models import train_wordpiece
+from search.baseline import PLAIN
 from tests.conftest import SMOKE
 
 TEXTS = ["a gorgeous and witty film", "the plot is dull", "moving", "an often tedious mess of a script"]
@@ -109,6 +110,13 @@ def test_the_set_is_labelled_once_cached_on_the_teachers_run_and_refused_when_ma
     plain_params = client.get_run(plain.run_id).data.params
     assert "transfer.digest" not in plain_params
     assert int(params["train_tokens"]) > 1.5 * int(plain_params["train_tokens"])
+    # Unlabelled sentences of another split join the set as they are, labelled by the teacher alone.
+    raw = replace(cfg, {"distill.transfer.copies": 0, "distill.transfer.unlabelled_split": "test", "distill.transfer.unlabelled_max": 100})
+    unlabelled, _, _ = run_distill(raw)
+    raw_params = client.get_run(unlabelled.run_id).data.params
+    assert (raw_params["transfer.examples"], raw_params["transfer.unlabelled"], raw_params["transfer.copies"]) == ("100", "100", "0")
+    assert raw_params["transfer.digest"] != params["transfer.digest"] and int(raw_params["train_tokens"]) > int(plain_params["train_tokens"])
+    assert not replace(raw, PLAIN).distill.transfer.enabled  # the sweep's plain twin has no transfer set
 
     # A second student reads the cached set: nothing is labelled again.
     monkeypatch.setattr(transfer, "make", lambda *a, **k: pytest.fail("the cached transfer set was labelled again"))

@@ -105,10 +105,13 @@ def check(cfg: ExperimentConfig) -> None:
     for key in cfg.search.space:
         if key not in ARGUMENTS:
             raise KDError(f"config: search.space.{key}: the Trainer recipe cannot search it; expected only keys among {', '.join(ARGUMENTS)}")
-    if cfg.distill.transfer.copies:
-        raise KDError(
-            f"config: distill.transfer.copies = {cfg.distill.transfer.copies}: the Trainer recipe has no transfer set; expected 0 for a side-by-side run"
-        )
+    transfer = cfg.distill.transfer
+    for key, value in (("copies", transfer.copies), ("unlabelled_split", transfer.unlabelled_split)):
+        if value:
+            raise KDError(
+                f"config: distill.transfer.{key} = {value!r}: the Trainer recipe has no transfer set; "
+                "expected distill.transfer.copies = 0 and distill.transfer.unlabelled_split = null for a side-by-side run"
+            )
     if not cfg.student.teacher_layers:
         names = (cfg.student.name_or_path, cfg.teacher.name_or_path)
         if SCRATCH in names or batching.tokenizer_fingerprint(AutoTokenizer.from_pretrained(names[0])) != batching.tokenizer_fingerprint(
