@@ -117,6 +117,9 @@ def test_the_set_is_labelled_once_cached_on_the_teachers_run_and_refused_when_ma
     assert (raw_params["transfer.examples"], raw_params["transfer.unlabelled"], raw_params["transfer.copies"]) == ("100", "100", "0")
     assert raw_params["transfer.digest"] != params["transfer.digest"] and int(raw_params["train_tokens"]) > int(plain_params["train_tokens"])
     assert not replace(raw, PLAIN).distill.transfer.enabled  # the sweep's plain twin has no transfer set
+    with pytest.raises(KDError, match=r"distill.transfer.unlabelled_split = 'nope' cannot be read: .*no split 'nope'"):
+        run_distill(replace(raw, {"distill.transfer.unlabelled_split": "nope"}))
+    assert not client.search_runs([e.experiment_id for e in client.search_experiments()], "attributes.status = 'RUNNING'")
 
     # A second student reads the cached set: nothing is labelled again.
     monkeypatch.setattr(transfer, "make", lambda *a, **k: pytest.fail("the cached transfer set was labelled again"))
