@@ -95,9 +95,8 @@ def transfer_data(cfg: ExperimentConfig, data: StudentData) -> TransferData | No
     if not settings.enabled:
         return None
     if settings not in data.transfers:
-        unlabelled = (
-            load_unlabelled(cfg.data, settings.unlabelled_split, data.splits, settings.unlabelled_max, settings.seed) if settings.unlabelled_split else []
-        )
+        split = settings.unlabelled_split
+        unlabelled = load_unlabelled(cfg.data, split, data.splits, settings.unlabelled_max, settings.seed) if split else []
         set_key = transfer.key(data.teacher_name, data.teacher_version, data.splits.train.fingerprint, settings, cfg.data.max_length, unlabelled)
 
         def make() -> transfer.TransferSet:

@@ -57,8 +57,14 @@ def test_shipped_experiments_load():
         ("data.validation_size=2.5", "data.validation_size = 2.5 is out of range"),
         ("data.validation_split=validation", "data.validation_split = 'validation' is out of range; expected a split other than eval_split"),
         ("distill.transfer.unlabelled_max=0", "distill.transfer.unlabelled_max = 0 is out of range; expected an integer >= 1 or null"),
-        ("distill.transfer.unlabelled_max=5", "distill.transfer.unlabelled_max = 5 is out of range; expected null unless unlabelled_split names a split"),
-        ("distill.transfer.unlabelled_split=validation", "distill.transfer.unlabelled_split = 'validation' is out of range; expected a split other than 'validation'"),
+        (
+            "distill.transfer.unlabelled_max=5",
+            "distill.transfer.unlabelled_max = 5 is out of range; expected null unless unlabelled_split names a split",
+        ),
+        (
+            "distill.transfer.unlabelled_split=validation",
+            "distill.transfer.unlabelled_split = 'validation' is out of range; expected a split other than 'validation'",
+        ),
     ],
 )
 def test_bad_override_names_key_and_expectation(override, message):

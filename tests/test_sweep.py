@@ -282,6 +282,12 @@ def test_the_sweep_ends_with_its_plain_student_and_the_distillation_gain(in_swep
     assert metrics["distillation_gain_p_value"] == pytest.approx(gain.p_value)
     assert metrics["plain_eval_accuracy"] == plain.data.metrics["eval_accuracy"]
     assert metrics["best_eval_accuracy"] == pytest.approx(best.data.metrics["eval_accuracy"])
+    # The bench counts the set all trials shared once: its copies, no unlabelled sentences, its time.
+    from search.benchmarks.bench import transfer_cost
+
+    seconds, copies, unlabelled = transfer_cost(sweep.info.run_id)
+    assert (copies, unlabelled) == (int(best.data.params["transfer.copies"]), 0) and copies > 0
+    assert seconds == pytest.approx(float(best.data.params["transfer.augment_seconds"]) + float(best.data.params["transfer.label_seconds"]))
 
 
 def test_a_resumed_sweep_keeps_its_plain_student(with_teacher, capsys):

@@ -38,14 +38,17 @@ def trial_throughput(sweep_run_id: str) -> tuple[float, float, float]:
     return examples, seconds, flops
 
 
-def transfer_cost(sweep_run_id: str) -> float:
-    """Seconds spent making and labelling the transfer sets the sweep's trials used (each set once)."""
+def transfer_cost(sweep_run_id: str) -> tuple[float, int, int]:
+    """The transfer sets the sweep's trials used, each set once: seconds spent making and labelling
+    them, their augmented copies and their unlabelled sentences."""
     sets = {}
     for run in tracking.child_runs(sweep_run_id, registry.Role.TRIAL):
         params = run.data.params
         if "transfer.digest" in params:
-            sets[params["transfer.digest"]] = float(params["transfer.augment_seconds"]) + float(params["transfer.label_seconds"])
-    return sum(sets.values())
+            seconds = float(params["transfer.augment_seconds"]) + float(params["transfer.label_seconds"])
+            sets[params["transfer.digest"]] = (seconds, int(params["transfer.copies"]), int(params["transfer.unlabelled"]))
+    seconds, copies, unlabelled = zip(*sets.values(), strict=True) if sets else ((), (), ())
+    return sum(seconds), sum(copies), sum(unlabelled)
 
 
 def summarize(cfg: ExperimentConfig, peaks: dict[str, float], wall_s: dict[str, float], teacher, sweep) -> dict:
@@ -53,7 +56,7 @@ def summarize(cfg: ExperimentConfig, peaks: dict[str, float], wall_s: dict[str, 
     examples, seconds, flops = trial_throughput(sweep.run_id)
     plain = sweep.baseline
     student = tracking.get_run(plain.run_id).data.params  # what every student logs about its data and size
-    labelling = transfer_cost(sweep.run_id)
+    labelling, copies, unlabelled = transfer_cost(sweep.run_id)
     achieved = flops / seconds if seconds else 0.0
     epochs_range = cfg.search.space.get("distill.train.epochs")
     results = {
@@ -70,6 +73,8 @@ def summarize(cfg: ExperimentConfig, peaks: dict[str, float], wall_s: dict[str, 
         "matmul_peak_flops_per_s": peaks,
         "share_of_peak": {k: achieved / v for k, v in peaks.items()},
         "peak_memory_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "transfer_set_copies": copies,
+        "transfer_set_unlabelled": unlabelled,
         "transfer_set_seconds": labelling,
         "transfer_set_share_of_sweep": labelling / wall_s["sweep"],
         "teacher_val_accuracy": teacher.val_accuracy,
@@ -92,6 +97,7 @@ def markdown(results: dict) -> str:
     wall = results["wall_s"]
     rows = [
         ("training sentences", f"{results['n_train']:,}"),
+        ("transfer set: augmented copies + unlabelled sentences", f"{results['transfer_set_copies']:,} + {results['transfer_set_unlabelled']:,}"),
         ("trials (epoch range)", f"{results['n_trials']} ({results['epoch_range']})"),
         ("wall time: teacher / sweep (plain student included)", f"{wall['teacher']:.0f} s / {wall['sweep']:.0f} s"),
         (
