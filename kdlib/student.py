@@ -136,7 +136,9 @@ def _cached_transfer_set(teacher_run_id: str, set_key: dict, workdir: str, make:
         return transfer.TransferSet(made.texts, made.logits, {**made.info, "digest": folder.name})
     hint = "delete that artifact of the teacher's run, or change distill.transfer.seed, to make a new one"
     arrays, info = logits_cache.read(tracking.download_run_artifact(teacher_run_id, path, workdir), set_key, "transfer-set cache", hint)
-    return transfer.TransferSet(arrays["texts"].tolist(), arrays["logits"], {**info, "digest": path.rpartition("/")[2]})
+    # A set cached before unlabelled sentences existed holds copies only and does not count them apart.
+    counts = {"copies": info.get("examples", len(arrays["texts"])), "unlabelled": 0}
+    return transfer.TransferSet(arrays["texts"].tolist(), arrays["logits"], {**counts, **info, "digest": path.rpartition("/")[2]})
 
 
 def student_metrics(logits: np.ndarray, labels: np.ndarray, teacher_logits: np.ndarray) -> dict[str, float]:

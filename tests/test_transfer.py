@@ -121,10 +121,17 @@ def test_the_set_is_labelled_once_cached_on_the_teachers_run_and_refused_when_ma
         run_distill(replace(raw, {"distill.transfer.unlabelled_split": "nope"}))
     assert not client.search_runs([e.experiment_id for e in client.search_experiments()], "attributes.status = 'RUNNING'")
 
-    # A second student reads the cached set: nothing is labelled again.
+    # A second student reads the cached set: nothing is labelled again. The set is made to look as one
+    # cached before unlabelled sentences existed (no separate counts): it counts as copies only.
+    older = Path(mlflow.artifacts.download_artifacts(run_id=teacher.run_id, artifact_path=folder.path, dst_path=str(tmp_path / "old")))
+    info = json.loads((older / "info.json").read_text())
+    (older / "info.json").write_text(json.dumps({k: v for k, v in info.items() if k not in ("copies", "unlabelled")}))
+    client.log_artifacts(teacher.run_id, str(older), folder.path)
     monkeypatch.setattr(transfer, "make", lambda *a, **k: pytest.fail("the cached transfer set was labelled again"))
     second, _, _ = run_distill(cfg)
-    assert client.get_run(second.run_id).data.params["transfer.digest"] == params["transfer.digest"]
+    second_params = client.get_run(second.run_id).data.params
+    assert second_params["transfer.digest"] == params["transfer.digest"]
+    assert (second_params["transfer.copies"], second_params["transfer.unlabelled"]) == (str(examples), "0")
 
     # A cache whose key says other settings is refused with one line naming them; no run is left open.
     local = mlflow.artifacts.download_artifacts(run_id=teacher.run_id, artifact_path=folder.path, dst_path=str(tmp_path / "dl"))

@@ -47,8 +47,7 @@ def transfer_cost(sweep_run_id: str) -> tuple[float, int, int]:
         if "transfer.digest" in params:
             seconds = float(params["transfer.augment_seconds"]) + float(params["transfer.label_seconds"])
             sets[params["transfer.digest"]] = (seconds, int(params["transfer.copies"]), int(params["transfer.unlabelled"]))
-    seconds, copies, unlabelled = zip(*sets.values(), strict=True) if sets else ((), (), ())
-    return sum(seconds), sum(copies), sum(unlabelled)
+    return tuple(map(sum, zip(*sets.values(), strict=True))) if sets else (0.0, 0, 0)
 
 
 def summarize(cfg: ExperimentConfig, peaks: dict[str, float], wall_s: dict[str, float], teacher, sweep) -> dict:
