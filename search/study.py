@@ -116,24 +116,32 @@ def make_storage(url: str | None) -> tuple[optuna.storages.BaseStorage, str]:
     """The storage and its URL as it may be shown or logged (password masked)."""
     url = url or default_storage()
     if "://" in url:
-        from sqlalchemy.exc import IntegrityError
-
-        for attempt in range(3):
-            try:
-                storage = optuna.storages.RDBStorage(
-                    url, heartbeat_interval=HEARTBEAT_S, grace_period=3 * HEARTBEAT_S, heartbeat_stale_trial_callback=_retry
-                )
-                return storage, safe_url(url)
-            except IntegrityError:
-                # Workers starting together race to create Optuna's tables; the loser finds them made.
-                if attempt == 2:
-                    raise
-            except Exception as exc:  # SQLAlchemy raises many types for "cannot connect"
-                raise KDError(
-                    f"search.storage: cannot open {safe_url(url)!r} ({type(exc).__name__}: {str(exc).splitlines()[0]}); expected a reachable database URL or a journal file path"
-                ) from None
+        return _open_database(url), safe_url(url)
     Path(url).parent.mkdir(parents=True, exist_ok=True)
     return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(url)), url
+
+
+def _open_database(url: str) -> optuna.storages.RDBStorage:
+    from sqlalchemy.exc import IntegrityError
+
+    # Workers starting together on an empty database race to create Optuna's tables, then its version
+    # rows: the loser gets a duplicate-key or "already exists" error once the winner commits, and finds
+    # the rows made on its next attempt. Each of the three creation steps may be lost once.
+    races_lost = 0
+    while True:
+        try:
+            return optuna.storages.RDBStorage(
+                url, heartbeat_interval=HEARTBEAT_S, grace_period=3 * HEARTBEAT_S, heartbeat_stale_trial_callback=_retry
+            )
+        except Exception as exc:  # SQLAlchemy raises many types for "cannot connect"
+            lost_race = isinstance(exc, IntegrityError) or "already exists" in str(exc)
+            if lost_race and races_lost < 3:
+                races_lost += 1
+                continue
+            raise KDError(
+                f"search.storage: cannot open {safe_url(url)!r} ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+                "expected a reachable database URL or a journal file path"
+            ) from None
 
 
 def load_study(cfg: ExperimentConfig) -> tuple[optuna.Study, str]:

@@ -8,6 +8,7 @@ import sys
 
 import optuna
 import pytest
+import sqlalchemy
 from mlflow.tracking import MlflowClient
 from optuna.storages import RetryFailedTrialCallback
 from optuna.trial import TrialState
@@ -91,3 +92,20 @@ def test_two_workers_share_one_study_in_postgresql(teacher, tmp_path, postgres_u
     sweeps = [r for r in all_runs() if r.data.tags.get("kd.role") == "sweep"]
     roots = [r for r in sweeps if "mlflow.parentRunId" not in r.data.tags]
     assert len(sweeps) == 2 and len(roots) == 1
+
+
+def test_a_worker_that_loses_the_race_to_create_optunas_tables_opens_the_storage(postgres_url):
+    """Two workers starting together on an empty database: the other one commits Optuna's tables
+    after this one found none and before it creates them (the moment is pinned by SQLAlchemy's
+    before_create event), so this one's CREATE fails as "already exists"."""
+    from optuna.storages._rdb import models
+
+    engine = sqlalchemy.create_engine(postgres_url)
+    with engine.connect() as other_worker:
+        transaction = other_worker.begin()
+        models.BaseModel.metadata.create_all(other_worker)
+        sqlalchemy.event.listen(models.BaseModel.metadata, "before_create", lambda *_, **__: transaction.commit(), once=True, insert=True)
+        storage, _ = make_storage(postgres_url)
+    engine.dispose()
+    study = optuna.create_study(study_name="raced", storage=storage)
+    assert optuna.load_study(study_name="raced", storage=postgres_url).study_name == study.study_name
