@@ -92,12 +92,15 @@ def epoch_line(label: str, epoch: int, epochs: int, steps: int, metrics: dict[st
 
 @torch.no_grad()
 def predict_logits(model: torch.nn.Module, loader: torch.utils.data.DataLoader, accelerator: Accelerator) -> np.ndarray:
-    """float32 logits [n, labels] in the split's original order (the loader may batch in any order)."""
+    """float32 logits [n, labels] in the split's original order (the loader may batch in any order),
+    computed in ``accelerator``'s precision, the one the model trained in, whether or not ``model``
+    went through ``accelerator.prepare`` (a trained model comes back unwrapped)."""
     model.eval()
     chunks, indices = [], []
     for batch in loader:
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        with accelerator.autocast():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
         logits, index = accelerator.gather_for_metrics((logits, batch["index"]))
         chunks.append(logits.cpu())
         indices.append(index.cpu())

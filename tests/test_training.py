@@ -51,9 +51,16 @@ def test_same_seed_same_result(tmp_path):
 
 
 def test_bf16_and_accumulation_run(tmp_path):
-    result, _, _ = run(tmp_path, cfg=TrainConfig(**{**CFG.__dict__, "mixed_precision": "bf16", "grad_accum_steps": 2, "epochs": 1}))
+    result, clf, dev = run(tmp_path, cfg=TrainConfig(**{**CFG.__dict__, "mixed_precision": "bf16", "grad_accum_steps": 2, "epochs": 1}))
     assert math.isfinite(result.history[0]["train_loss"])
     assert all(p.dtype == torch.float32 for p in result.model.parameters())  # master weights stay fp32
+    # The trained model comes back unwrapped; scored later (evaluation split, teacher logits) it still
+    # runs in bf16, as its validation did: the same loss to the last digit, which fp32 would not give.
+    loader = batching.eval_loader(dev, clf.tokenizer.pad_token_id, 64)
+    in_bf16 = classification_metrics(predict_logits(result.model, loader, make_accelerator("bf16")), dev.labels)["loss"]
+    in_fp32 = classification_metrics(predict_logits(result.model, loader, make_accelerator("no")), dev.labels)["loss"]
+    assert in_bf16 == pytest.approx(result.history[0]["val_loss"], rel=1e-6)
+    assert in_fp32 != pytest.approx(in_bf16, rel=1e-6)
 
 
 def test_eval_logits_come_back_in_example_order(tmp_path):
