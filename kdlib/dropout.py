@@ -8,8 +8,8 @@ keep threshold: the same independent Bernoulli mask, its drop chance rounded to 
 (0.1 becomes 0.100006), scaled by the exact 1 / (1 - p) of that chance. Draws come from torch's global
 generator, so ``set_seed`` still makes a run repeatable. Elsewhere than the CPU it is torch's dropout.
 
-Only ``torch.nn.Dropout`` modules are swapped; the attention probabilities' dropout inside
-``scaled_dot_product_attention`` stays torch's.
+``cpu_dropout`` swaps ``torch.nn.Dropout`` modules; the attention probabilities' dropout, a function
+call inside the attention, gets the same mask from ``kdlib/attention.py``.
 """
 
 from __future__ import annotations
@@ -28,22 +28,25 @@ def drop_threshold(p: float) -> int:
     return -(LEVELS // 2) + round(p * LEVELS)
 
 
+def fast_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Training-time dropout of a CPU tensor with the cheaper mask (0 < p < 1)."""
+    dropped = round(p * LEVELS) / LEVELS
+    n = x.numel()
+    # high is exclusive, so one of the 2**64 values never comes: a bias of 2**-64
+    words = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64)
+    keep = words.view(torch.int16)[:n].view(x.shape) >= drop_threshold(p)
+    return x * keep.to(x.dtype).mul_(1.0 / (1.0 - dropped) if dropped < 1 else 0.0)
+
+
 class FastDropout(torch.nn.Module):
     def __init__(self, p: float) -> None:
         super().__init__()
         self.p = p
-        self.threshold = drop_threshold(p)
-        dropped = round(p * LEVELS) / LEVELS
-        self.scale = 1.0 / (1.0 - dropped) if dropped < 1 else 0.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0 or x.device.type != "cpu":
             return F.dropout(x, self.p, self.training)
-        n = x.numel()
-        # high is exclusive, so one of the 2**64 values never comes: a bias of 2**-64
-        words = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64)
-        keep = words.view(torch.int16)[:n].view(x.shape) >= self.threshold
-        return x * keep.to(x.dtype).mul_(self.scale)
+        return fast_dropout(x, self.p)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"

@@ -5,33 +5,72 @@ A dense embedding backward makes a fresh gradient as large as the whole table on
 its own mmap() and unmaps it when freed, so every step faults in ~11,500 new pages and fills them
 with zeros, only to add a few hundred rows: about a sixth of the 3-layer student's step on a 2-core
 AMD EPYC (README, "A leaner student step"). Inside ``row_gradient`` the embedding's backward is
-sparse (the batch's rows) and autograd adds it into a dense ``.grad`` that training zeroes in place
-(``zero_grad(set_to_none=False)``), so the optimizer and gradient clipping see the same dense
-gradient as before, value for value, from memory that stays mapped. GPUs keep their blocks in
-torch's caching allocator, so elsewhere than the CPU nothing changes.
+sparse (the batch's rows) and autograd adds it into a dense ``.grad`` that stays mapped. Every other
+row of that buffer is zero, so gradient clipping reads and scales only the rows the step's batches
+used, and clearing the gradient zeroes only those: the optimizer sees the same dense gradient as
+before, value for value. GPUs keep their blocks in torch's caching allocator, so elsewhere than the
+CPU nothing changes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 import torch
 
 
+class RowGradient:
+    """The word-embedding table's dense gradient and the rows that training forwards used since it was last cleared."""
+
+    def __init__(self, embeddings: torch.nn.Embedding):
+        self.weight = embeddings.weight
+        self._ids: list[torch.Tensor] = []
+        self._hook = embeddings.register_forward_pre_hook(self._record)
+
+    def _record(self, module: torch.nn.Module, args: tuple) -> None:
+        if torch.is_grad_enabled():  # a training forward: scoring leaves no gradient
+            self._ids.append(args[0].flatten())
+
+    def _rows(self) -> torch.Tensor:
+        return torch.unique(torch.cat(self._ids)) if self._ids else torch.empty(0, dtype=torch.long, device=self.weight.device)
+
+    def clip_(self, parameters: Iterable[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+        """``torch.nn.utils.clip_grad_norm_`` over ``parameters`` (the table among them), reading and
+        scaling only the table's used rows; returns the total norm."""
+        rows = self._rows()
+        grads = [p.grad for p in parameters if p.grad is not None and p is not self.weight]
+        used = self.weight.grad.index_select(0, rows)
+        norm = torch.nn.utils.get_total_norm([*grads, used])
+        factor = torch.clamp(max_norm / (norm + 1e-6), max=1.0)  # torch.nn.utils.clip_grads_with_norm_'s factor
+        torch._foreach_mul_([*grads, used], factor)
+        self.weight.grad.index_copy_(0, rows, used)
+        return norm
+
+    def zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
+        """Free every other gradient; zero the table's used rows in place, so its buffer stays mapped."""
+        grad = self.weight.grad
+        optimizer.zero_grad(set_to_none=True)
+        grad.index_fill_(0, self._rows(), 0)
+        self.weight.grad = grad
+        self._ids.clear()
+
+
 @contextmanager
-def row_gradient(model: torch.nn.Module, device: torch.device) -> Iterator[bool]:
-    """Yields whether the word embeddings now get row gradients; if so, the caller must zero
-    gradients with ``set_to_none=False``, or the next backward leaves a sparse ``.grad``. The
-    embedding's dense backward comes back on exit; its ``.grad`` stays a dense tensor."""
+def row_gradient(model: torch.nn.Module, device: torch.device) -> Iterator[RowGradient | None]:
+    """Yields the word embeddings' ``RowGradient``, or None where they keep the dense path (not on
+    the CPU, frozen, or not a plain ``nn.Embedding``). With one, steps must clip and clear gradients
+    through it. The embedding's dense backward comes back on exit; its ``.grad`` stays a dense tensor."""
     embeddings = model.get_input_embeddings()
     if device.type != "cpu" or not isinstance(embeddings, torch.nn.Embedding) or not embeddings.weight.requires_grad:
-        yield False
+        yield None
         return
     if embeddings.weight.grad is None:
         embeddings.weight.grad = torch.zeros_like(embeddings.weight)
+    rows = RowGradient(embeddings)
     embeddings.sparse = True
     try:
-        yield True
+        yield rows
     finally:
         embeddings.sparse = False
+        rows._hook.remove()

@@ -26,7 +26,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, get_linear_schedule_with_warmup
 
-from kdlib import dropout, embedding_gradient, precision
+from kdlib import attention, dropout, embedding_gradient, precision
 from kdlib.config import TrainConfig
 from kdlib.errors import KDError
 
@@ -119,12 +119,35 @@ def score_evaluation(
     return logits, {**metrics, "val_eval_gap": val_accuracy - metrics["eval_accuracy"]}
 
 
+@dataclass(frozen=True)
+class StepGradients:
+    """How a training step clips and then clears its gradients: through the word embeddings'
+    ``RowGradient`` where ``lean_steps`` set one up, else accelerate's clipping and freed gradients."""
+
+    accelerator: Accelerator
+    rows: embedding_gradient.RowGradient | None = None
+
+    def clip(self, model: torch.nn.Module, max_norm: float) -> None:
+        if self.rows is None:
+            self.accelerator.clip_grad_norm_(model.parameters(), max_norm)
+        else:
+            self.rows.clip_(model.parameters(), max_norm)
+
+    def clear(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.rows is None:
+            optimizer.zero_grad(set_to_none=True)  # accelerate's optimizer keeps them while accumulating
+        elif self.accelerator.sync_gradients:
+            self.rows.zero_grad(optimizer)
+
+
 @contextmanager
-def lean_steps(model: torch.nn.Module, device: torch.device) -> Iterator[bool]:
-    """While training: the CPU's cheaper dropout (``kdlib/dropout.py``) and word-embedding row gradients
-    (``kdlib/embedding_gradient.py``). Yields whether steps must zero gradients in place."""
-    with dropout.cpu_dropout(model), embedding_gradient.row_gradient(model, device) as keep_grads:
-        yield keep_grads
+def lean_steps(model: torch.nn.Module, accelerator: Accelerator) -> Iterator[StepGradients]:
+    """While training: the CPU's cheaper dropout (``kdlib/dropout.py``) and attention
+    (``kdlib/attention.py``), and word-embedding row gradients (``kdlib/embedding_gradient.py``).
+    Yields how steps clip and clear gradients."""
+    device = accelerator.device
+    with dropout.cpu_dropout(model), attention.cpu_attention_while(model, device), embedding_gradient.row_gradient(model, device) as rows:
+        yield StepGradients(accelerator, rows)
 
 
 def train_epoch(
@@ -136,10 +159,9 @@ def train_epoch(
     loss_fn: LossFn,
     cfg: TrainConfig,
     desc: str,
-    keep_grads: bool,
+    gradients: StepGradients,
 ) -> dict[str, float]:
-    """One pass over ``train_loader``: the mean loss and its named parts, examples/s and seconds.
-    ``keep_grads``: zero gradients in place rather than free them (``lean_steps``)."""
+    """One pass over ``train_loader``: the mean loss and its named parts, examples/s and seconds."""
     model.train()
     loss_sum = torch.zeros((), device=accelerator.device)
     part_sums: dict[str, torch.Tensor] = {}
@@ -153,10 +175,10 @@ def train_epoch(
             loss, parts = loss_fn(logits, batch)
             accelerator.backward(loss)
             if accelerator.sync_gradients:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                gradients.clip(model, cfg.max_grad_norm)
             optimizer.step()
             scheduler.step()
-            optimizer.zero_grad(set_to_none=not keep_grads)
+            gradients.clear(optimizer)
         loss_sum += loss.detach()
         for name, value in parts.items():
             part_sums[name] = part_sums.get(name, 0) + value.detach()
@@ -205,19 +227,20 @@ def fit(
     result = FitResult(model=model)
     fit_started = time.perf_counter()
     unwrapped = accelerator.unwrap_model(model)
-    with lean_steps(unwrapped, accelerator.device) as keep_grads:
-        for epoch in range(1, cfg.epochs + 1):
-            if hasattr(sampler, "set_epoch"):  # length-grouped batches reshuffle per epoch
-                sampler.set_epoch(epoch)
-            desc = f"{label}epoch {epoch}/{cfg.epochs}"
-            metrics = train_epoch(model, train_loader, optimizer, scheduler, accelerator, loss_fn, cfg, desc, keep_grads=keep_grads)
-            evaluation = evaluate(predict_logits(model, eval_loader, accelerator))
-            metrics = {**metrics, **{f"val_{name}": value for name, value in evaluation.items()}}
-            result.history.append(metrics)
-            if not sys.stderr.isatty() and accelerator.is_local_main_process:
-                print(epoch_line(label, epoch, cfg.epochs, len(train_loader), metrics, time.perf_counter() - fit_started), flush=True)
-            if on_epoch_end is not None:
-                on_epoch_end(epoch, metrics)
+    for epoch in range(1, cfg.epochs + 1):
+        if hasattr(sampler, "set_epoch"):  # length-grouped batches reshuffle per epoch
+            sampler.set_epoch(epoch)
+        desc = f"{label}epoch {epoch}/{cfg.epochs}"
+        # Validation runs outside: it scores the model as it will be scored once saved.
+        with lean_steps(unwrapped, accelerator) as gradients:
+            metrics = train_epoch(model, train_loader, optimizer, scheduler, accelerator, loss_fn, cfg, desc, gradients)
+        evaluation = evaluate(predict_logits(model, eval_loader, accelerator))
+        metrics = {**metrics, **{f"val_{name}": value for name, value in evaluation.items()}}
+        result.history.append(metrics)
+        if not sys.stderr.isatty() and accelerator.is_local_main_process:
+            print(epoch_line(label, epoch, cfg.epochs, len(train_loader), metrics, time.perf_counter() - fit_started), flush=True)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, metrics)
     model.zero_grad(set_to_none=True)  # the trained model carries no gradient buffers
     result.model = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
     return result

@@ -12,18 +12,23 @@ from tests.helpers import demo_splits, fit_one_epoch, tiny_classifier
 CPU = torch.device("cpu")
 
 
-def steps(model, loader, rows: bool, n: int = 6) -> None:
-    """``n`` AdamW steps as the training loop takes them, with or without row gradients."""
+def steps(model, loader, rows: bool, n: int = 6, max_norm: float = 1.0) -> None:
+    """``n`` AdamW steps as the training loop takes them, with row gradients or torch's dense path."""
     optimizer = make_optimizer(model, TrainConfig(learning_rate=1e-2), CPU)
     torch.manual_seed(0)  # the same dropout masks with and without, whatever ran before
-    with row_gradient(model, CPU) if rows else contextlib.nullcontext(False) as keep:
-        assert keep == rows
+    with row_gradient(model, CPU) if rows else contextlib.nullcontext() as table:
+        assert (table is not None) == rows
         for _, batch in zip(range(n), loader, strict=False):
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             torch.nn.functional.cross_entropy(logits, batch["labels"]).backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=not keep)
+            if table is None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            else:
+                table.clip_(model.parameters(), max_norm)
+                optimizer.step()
+                table.zero_grad(optimizer)
 
 
 @pytest.fixture
@@ -33,12 +38,13 @@ def setup(tmp_path):
     return splits, encoded
 
 
-def test_training_with_row_gradients_matches_dense_gradients(setup):
+@pytest.mark.parametrize("max_norm", [1.0, 1e-3])  # 1e-3: every step clips
+def test_training_with_row_gradients_matches_dense_gradients(setup, max_norm):
     splits, encoded = setup
     models = []
     for rows in (False, True):
         clf = tiny_classifier(splits.train.texts, seed=3)
-        steps(clf.model.train(), batching.train_loader(encoded, clf.tokenizer.pad_token_id, 16, 0), rows)
+        steps(clf.model.train(), batching.train_loader(encoded, clf.tokenizer.pad_token_id, 16, 0), rows, max_norm=max_norm)
         models.append(dict(clf.model.named_parameters()))
     dense, rows = models
     assert dense.keys() == rows.keys()
@@ -46,13 +52,37 @@ def test_training_with_row_gradients_matches_dense_gradients(setup):
         assert torch.allclose(dense[name], rows[name], rtol=0, atol=1e-6), name
 
 
+def test_clipping_reads_only_the_used_rows_and_gives_torchs_norm_and_gradients(setup):
+    splits, encoded = setup
+    clf = tiny_classifier(splits.train.texts)
+    loader = iter(batching.train_loader(encoded, clf.tokenizer.pad_token_id, 16, 0))
+    with row_gradient(clf.model, CPU) as table:
+        for _ in range(2):  # two batches accumulated: the rows of both
+            batch = next(loader)
+            clf.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.sum().backward()
+        copies = [torch.nn.Parameter(p.detach().clone()) for p in clf.model.parameters()]
+        for copy, p in zip(copies, clf.model.parameters(), strict=True):
+            copy.grad = p.grad.clone()
+        expected = torch.nn.utils.clip_grad_norm_(copies, 0.01)
+        norm = table.clip_(clf.model.parameters(), 0.01)
+        assert norm == pytest.approx(float(expected), rel=1e-5)
+        for copy, p in zip(copies, clf.model.parameters(), strict=True):
+            assert torch.allclose(copy.grad, p.grad, rtol=1e-5, atol=1e-9)
+        weight = clf.model.get_input_embeddings().weight
+        grad = weight.grad
+        table.zero_grad(torch.optim.SGD(clf.model.parameters(), lr=0.1))
+        # The table's buffer is kept and all zero again; every other gradient is freed.
+        assert weight.grad is grad and not grad.any()
+        assert all(p.grad is None for p in clf.model.parameters() if p is not weight)
+
+
 def test_the_gradient_stays_dense_and_holds_only_the_batch_rows(setup):
     splits, encoded = setup
     clf = tiny_classifier(splits.train.texts)
     batch = next(iter(batching.train_loader(encoded, clf.tokenizer.pad_token_id, 16, 0)))
     embeddings = clf.model.get_input_embeddings()
-    with row_gradient(clf.model, CPU) as keep:
-        assert keep and embeddings.sparse
+    with row_gradient(clf.model, CPU) as table:
+        assert table is not None and embeddings.sparse
         clf.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.sum().backward()
         grad = embeddings.weight.grad
         assert grad.layout == torch.strided and grad.shape == embeddings.weight.shape
@@ -65,8 +95,8 @@ def test_frozen_embeddings_keep_the_dense_path(setup):
     splits, _ = setup
     clf = tiny_classifier(splits.train.texts)
     clf.model.get_input_embeddings().weight.requires_grad_(False)
-    with row_gradient(clf.model, CPU) as keep:
-        assert not keep
+    with row_gradient(clf.model, CPU) as table:
+        assert table is None
         assert not clf.model.get_input_embeddings().sparse
     assert clf.model.get_input_embeddings().weight.grad is None
 

@@ -31,7 +31,7 @@ from transformers import BertConfig, BertForSequenceClassification
 from kdlib import batching, precision
 from kdlib.config import TrainConfig
 from kdlib.losses import kd_loss
-from kdlib.training import lean_steps, make_accelerator, make_optimizer
+from kdlib.training import StepGradients, lean_steps, make_accelerator, make_optimizer
 
 SHAPES = {
     "minilm3": {"hidden_size": 384, "num_hidden_layers": 3, "num_attention_heads": 12, "intermediate_size": 1536},
@@ -62,24 +62,24 @@ def _trial(shape: dict, steps: int, warmup: int, threads: int, seed: int, ready,
     targets = torch.randn(len(encoded), 2)
     batches = iter(batching.train_loader(encoded, 0, BATCH, seed))
 
-    def step(keep_grads: bool) -> None:
+    def step(gradients: StepGradients) -> None:
         batch = {key: value.to(device, non_blocking=True) for key, value in next(batches).items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         loss, _, _ = kd_loss(logits, targets[batch["index"].cpu()].to(device), batch["labels"], 4.0, 0.5)
         accelerator.backward(loss)
-        accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        gradients.clip(model, cfg.max_grad_norm)
         optimizer.step()
-        optimizer.zero_grad(set_to_none=not keep_grads)
+        gradients.clear(optimizer)
 
-    with lean_steps(model, device) as keep_grads:  # as kdlib's training loop steps
+    with lean_steps(model, accelerator) as gradients:  # as kdlib's training loop steps
         for _ in range(warmup):
-            step(keep_grads)
+            step(gradients)
         if device.type == "cuda":
             torch.cuda.synchronize()
         ready.wait()  # every process starts timing together, so the k trials truly share the device
         started = time.perf_counter()
         for _ in range(steps):
-            step(keep_grads)
+            step(gradients)
         if device.type == "cuda":
             torch.cuda.synchronize()
     results.put(steps * BATCH / (time.perf_counter() - started))

@@ -23,7 +23,7 @@ from kdlib.config import DataConfig, TrainConfig
 from kdlib.data import load_splits
 from kdlib.losses import kd_loss
 from kdlib.models import Classifier, cut_from_teacher
-from kdlib.training import lean_steps, make_accelerator, make_optimizer
+from kdlib.training import StepGradients, lean_steps, make_accelerator, make_optimizer
 
 TEACHER = "../shared/models/all-MiniLM-L6-v2"
 WARMUP = 20  # untimed steps: the first steps of a fresh model are slower
@@ -42,13 +42,13 @@ def profile(teacher: Classifier, encoded: batching.Encoded, frozen: bool, loop: 
     targets = torch.randn(len(encoded), 2)
     batches = iter(batching.train_loader(encoded, teacher.tokenizer.pad_token_id, cfg.batch_size, 0))
     parts = dict.fromkeys(("data", "forward", "backward", "clip", "optimizer"), 0.0)
-    with lean_steps(model, accelerator.device) if loop == "kdlib" else contextlib.nullcontext(False) as keep_grads:
+    with lean_steps(model, accelerator) if loop == "kdlib" else contextlib.nullcontext(StepGradients(accelerator)) as gradients:
         for step in range(WARMUP + steps):
-            _timed_step(model, optimizer, accelerator, batches, targets, cfg, keep_grads, parts if step >= WARMUP else None)
+            _timed_step(model, optimizer, accelerator, batches, targets, cfg, gradients, parts if step >= WARMUP else None)
     return {**parts, "steps": steps}
 
 
-def _timed_step(model, optimizer, accelerator, batches, targets, cfg: TrainConfig, keep_grads: bool, parts: dict[str, float] | None) -> None:
+def _timed_step(model, optimizer, accelerator, batches, targets, cfg: TrainConfig, gradients: StepGradients, parts: dict[str, float] | None) -> None:
     """One KD training step; adds each part's seconds to ``parts`` unless it is None (a warm-up step)."""
     marks = [time.perf_counter()]
     batch = next(batches)
@@ -58,10 +58,10 @@ def _timed_step(model, optimizer, accelerator, batches, targets, cfg: TrainConfi
     marks.append(time.perf_counter())
     accelerator.backward(loss)
     marks.append(time.perf_counter())
-    accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+    gradients.clip(model, cfg.max_grad_norm)
     marks.append(time.perf_counter())
     optimizer.step()
-    optimizer.zero_grad(set_to_none=not keep_grads)
+    gradients.clear(optimizer)
     marks.append(time.perf_counter())
     if parts is not None:
         for name, start, end in zip(parts, marks[:-1], marks[1:], strict=True):
