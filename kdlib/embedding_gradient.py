@@ -26,14 +26,18 @@ class RowGradient:
     def __init__(self, embeddings: torch.nn.Embedding):
         self.weight = embeddings.weight
         self._ids: list[torch.Tensor] = []
+        self._used: torch.Tensor | None = None  # the rows of ``_ids``, found once per step for clipping and clearing
         self._hook = embeddings.register_forward_pre_hook(self._record)
 
     def _record(self, module: torch.nn.Module, args: tuple) -> None:
         if torch.is_grad_enabled():  # a training forward: scoring leaves no gradient
             self._ids.append(args[0].flatten())
+            self._used = None
 
     def _rows(self) -> torch.Tensor:
-        return torch.unique(torch.cat(self._ids)) if self._ids else torch.empty(0, dtype=torch.long, device=self.weight.device)
+        if self._used is None:
+            self._used = torch.unique(torch.cat(self._ids)) if self._ids else torch.empty(0, dtype=torch.long, device=self.weight.device)
+        return self._used
 
     def clip_(self, parameters: Iterable[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
         """``torch.nn.utils.clip_grad_norm_`` over ``parameters`` (the table among them), reading and
@@ -54,6 +58,7 @@ class RowGradient:
         grad.index_fill_(0, self._rows(), 0)
         self.weight.grad = grad
         self._ids.clear()
+        self._used = None
 
 
 @contextmanager
