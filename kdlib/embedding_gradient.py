@@ -60,6 +60,10 @@ class RowGradient:
         self._ids.clear()
         self._used = None
 
+    def close(self) -> None:
+        """Stop recording the rows forwards use."""
+        self._hook.remove()
+
 
 @contextmanager
 def row_gradient(model: torch.nn.Module, device: torch.device) -> Iterator[RowGradient | None]:
@@ -78,4 +82,4 @@ def row_gradient(model: torch.nn.Module, device: torch.device) -> Iterator[RowGr
         yield rows
     finally:
         embeddings.sparse = False
-        rows._hook.remove()
+        rows.close()

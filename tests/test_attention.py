@@ -13,7 +13,7 @@ def model_and_batch(tmp_path):
     splits = demo_splits(max_train=64, max_eval=8)
     clf = tiny_classifier(splits.train.texts)
     encoded = batching.encode(splits.train, clf.tokenizer, 64, tmp_path)
-    # Random batches of mixed lengths: the padding mask matters.
+    # The batch holds sentences of different lengths, so the padding mask matters.
     batch = next(iter(batching.eval_loader(encoded, clf.tokenizer.pad_token_id, 16)))
     assert (batch["attention_mask"] == 0).any()
     return clf.model, batch
