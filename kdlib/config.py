@@ -14,6 +14,7 @@ from typing import Any
 from kdlib.errors import KDError
 
 MIXED_PRECISION = ("auto", "bf16", "fp16", "no")
+WORD_EMBEDDINGS = ("dense", "lazy", "frozen")
 PRUNERS = ("median", "hyperband", "none")
 PRECISIONS = ("fp32", "bf16")
 
@@ -127,7 +128,7 @@ class TrainConfig:
     mixed_precision: auto (bf16 where the hardware runs it natively, fp16 on a CUDA GPU without bf16, else fp32), bf16, fp16 (CUDA only) or no
     seed: seed of the shuffling and of the fresh classifier head
     log_every: steps between host reads of the running loss (the loop syncs with the device only then)
-    freeze_word_embeddings: keep the word-embedding table as loaded: no gradient, no optimizer state, no update (most of a small student's parameters)
+    word_embeddings: how AdamW updates the word-embedding table (most of a small student's parameters): dense (every row, every step), lazy (only the rows the step's sentences used, moments included) or frozen (kept as loaded: no gradient, no optimizer state, no update)
     """
 
     learning_rate: float = 2e-5
@@ -141,7 +142,7 @@ class TrainConfig:
     mixed_precision: str = "auto"
     seed: int = 42
     log_every: int = 50
-    freeze_word_embeddings: bool = False
+    word_embeddings: str = "dense"
 
     def __post_init__(self) -> None:
         _check(self.learning_rate > 0, "learning_rate", "a number > 0", self.learning_rate)
@@ -154,6 +155,7 @@ class TrainConfig:
         _check(self.grad_accum_steps >= 1, "grad_accum_steps", "an integer >= 1", self.grad_accum_steps)
         _check(self.mixed_precision in MIXED_PRECISION, "mixed_precision", f"one of {MIXED_PRECISION}", self.mixed_precision)
         _check(self.log_every >= 1, "log_every", "an integer >= 1", self.log_every)
+        _check(self.word_embeddings in WORD_EMBEDDINGS, "word_embeddings", f"one of {WORD_EMBEDDINGS}", self.word_embeddings)
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,12 @@ sparse (the batch's rows) and autograd adds it into a dense ``.grad`` that stays
 row of that buffer is zero, so gradient clipping reads and scales only the rows the step's batches
 used, and clearing the gradient zeroes only those: the optimizer sees the same dense gradient as
 before, value for value. GPUs keep their blocks in torch's caching allocator, so elsewhere than the
-CPU nothing changes.
+CPU nothing changes, unless the table's updates are lazy.
+
+``LazyAdamW`` (``word_embeddings: lazy``) goes one step further and changes the optimizer: AdamW over
+the table's 11.7M parameters reads and writes ~330 MB per step, and it must, because AdamW moves
+every row's moments and weights whether the batch used the row or not. The lazy update moves only the used rows, as TensorFlow's LazyAdam and torch's
+``SparseAdam`` do.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 import torch
+from torch.optim.adamw import adamw
 
 
 class RowGradient:
@@ -34,7 +40,8 @@ class RowGradient:
             self._ids.append(args[0].flatten())
             self._used = None
 
-    def _rows(self) -> torch.Tensor:
+    def used(self) -> torch.Tensor:
+        """The table rows that training forwards used since the gradient was last cleared."""
         if self._used is None:
             self._used = torch.unique(torch.cat(self._ids)) if self._ids else torch.empty(0, dtype=torch.long, device=self.weight.device)
         return self._used
@@ -42,7 +49,7 @@ class RowGradient:
     def clip_(self, parameters: Iterable[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
         """``torch.nn.utils.clip_grad_norm_`` over ``parameters`` (the table among them), reading and
         scaling only the table's used rows; returns the total norm."""
-        rows = self._rows()
+        rows = self.used()
         grads = [p.grad for p in parameters if p.grad is not None and p is not self.weight]
         used = self.weight.grad.index_select(0, rows)
         norm = torch.nn.utils.get_total_norm([*grads, used])
@@ -55,7 +62,7 @@ class RowGradient:
         """Free every other gradient; zero the table's used rows in place, so its buffer stays mapped."""
         grad = self.weight.grad
         optimizer.zero_grad(set_to_none=True)
-        grad.index_fill_(0, self._rows(), 0)
+        grad.index_fill_(0, self.used(), 0)
         self.weight.grad = grad
         self._ids.clear()
         self._used = None
@@ -65,13 +72,56 @@ class RowGradient:
         self._hook.remove()
 
 
+class LazyAdamW:
+    """AdamW for the word-embedding table that updates, at each step, only the rows the step's batches
+    used: their weights, moments and weight decay, with the step count of the whole table for the bias
+    correction. A row no batch used stays as it is, moments included, until a batch uses it again.
+
+    The hyperparameters (learning rate as the schedule sets it, betas, eps, weight decay) come with
+    each step: those of the optimizer's group that the table would belong to. The update itself is
+    torch's functional AdamW on the gathered rows. torch's ``SparseAdam`` is the same idea, but wants a
+    sparse gradient and has no weight decay; here the rows are at hand in ``RowGradient``'s dense buffer.
+    """
+
+    def __init__(self, weight: torch.nn.Parameter):
+        self.weight = weight
+        self.state: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # moments and step count
+
+    def step(self, rows: torch.Tensor, group: dict) -> None:
+        if self.state is None:  # made at the first step, as torch's optimizers do: the table is on its device by then
+            self.state = (torch.zeros_like(self.weight), torch.zeros_like(self.weight), torch.zeros((), device=self.weight.device))
+        exp_avg, exp_avg_sq, steps = self.state
+        tables = (self.weight.data, exp_avg, exp_avg_sq)
+        param, avg, avg_sq = (table.index_select(0, rows) for table in tables)
+        adamw(
+            [param],
+            [self.weight.grad.index_select(0, rows)],
+            [avg],
+            [avg_sq],
+            [],
+            [steps],
+            foreach=group["foreach"],
+            fused=group["fused"],
+            amsgrad=False,
+            beta1=group["betas"][0],
+            beta2=group["betas"][1],
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            eps=group["eps"],
+            maximize=False,
+        )
+        for table, part in zip(tables, (param, avg, avg_sq), strict=True):
+            table.index_copy_(0, rows, part)
+
+
 @contextmanager
-def row_gradient(model: torch.nn.Module, device: torch.device) -> Iterator[RowGradient | None]:
-    """Yields the word embeddings' ``RowGradient``, or None where they keep the dense path (not on
-    the CPU, frozen, or not a plain ``nn.Embedding``). With one, steps must clip and clear gradients
-    through it. The embedding's dense backward comes back on exit; its ``.grad`` stays a dense tensor."""
+def row_gradient(model: torch.nn.Module, device: torch.device, lazy: bool = False) -> Iterator[RowGradient | None]:
+    """Yields the word embeddings' ``RowGradient``, or None where they keep the dense path (frozen,
+    not a plain ``nn.Embedding``, or not on the CPU unless ``lazy``: ``LazyAdamW`` needs the rows on
+    every device). With one, steps must clip and clear gradients through it. The embedding's dense
+    backward comes back on exit; its ``.grad`` stays a dense tensor."""
     embeddings = model.get_input_embeddings()
-    if device.type != "cpu" or not isinstance(embeddings, torch.nn.Embedding) or not embeddings.weight.requires_grad:
+    if (device.type != "cpu" and not lazy) or not isinstance(embeddings, torch.nn.Embedding) or not embeddings.weight.requires_grad:
         yield None
         return
     if embeddings.weight.grad is None:

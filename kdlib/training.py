@@ -36,6 +36,7 @@ LossFn = Callable[[torch.Tensor, Batch], tuple[torch.Tensor, dict[str, torch.Ten
 EpochCallback = Callable[[int, dict[str, float]], None]
 # validation logits [n, labels] in example order -> named metrics (at least "accuracy" and "loss"), logged as val_<name>
 EvalFn = Callable[[np.ndarray], dict[str, float]]
+MATRICES = 0  # make_optimizer's group of weight matrices, with weight decay (then biases and LayerNorm weights, without)
 
 
 def cross_entropy(logits: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -61,16 +62,27 @@ def make_accelerator(mixed_precision: str, grad_accum_steps: int = 1) -> Acceler
     return Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=grad_accum_steps)
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+def make_optimizer(
+    model: torch.nn.Module, cfg: TrainConfig, device: torch.device
+) -> tuple[torch.optim.Optimizer, embedding_gradient.LazyAdamW | None]:
+    """AdamW over the parameters that train, and the word-embedding table's ``LazyAdamW`` where
+    ``cfg.word_embeddings`` is lazy (the table then is not in the first). frozen takes the table out
+    of training here."""
+    table = model.get_input_embeddings()
+    if cfg.word_embeddings == "frozen":
+        table.weight.requires_grad_(False)
+    lazy = cfg.word_embeddings == "lazy"
+    if lazy and not isinstance(table, torch.nn.Embedding):
+        raise KDError(f"word_embeddings: lazy needs input embeddings that are a torch.nn.Embedding, not {type(table).__name__}; use dense or frozen")
     # No weight decay on biases and LayerNorm weights, as in BERT's original recipe.
     decay, no_decay = [], []
     for param in model.parameters():
-        if param.requires_grad:
+        if param.requires_grad and not (lazy and param is table.weight):
             (no_decay if param.ndim < 2 else decay).append(param)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]  # MATRICES first
     # The fused kernel does the whole update in one pass; CUDA and, since torch 2.4, CPU have it.
     fused = device.type in ("cuda", "cpu")
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, fused=fused)
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, fused=fused), embedding_gradient.LazyAdamW(table.weight) if lazy else None
 
 
 def format_duration(seconds: float) -> str:
@@ -121,17 +133,25 @@ def score_evaluation(
 
 @dataclass(frozen=True)
 class StepGradients:
-    """How a training step clips and then clears its gradients: through the word embeddings'
-    ``RowGradient`` where ``lean_steps`` set one up, else accelerate's clipping and freed gradients."""
+    """How a training step clips its gradients, updates the parameters and clears the gradients:
+    through the word embeddings' ``RowGradient`` where ``lean_steps`` set one up, else accelerate's
+    clipping and freed gradients; with a ``LazyAdamW`` for the table's used rows."""
 
     accelerator: Accelerator
     rows: embedding_gradient.RowGradient | None = None
+    lazy: embedding_gradient.LazyAdamW | None = None
 
     def clip(self, model: torch.nn.Module, max_norm: float) -> None:
         if self.rows is None:
             self.accelerator.clip_grad_norm_(model.parameters(), max_norm)
         else:
             self.rows.clip_(model.parameters(), max_norm)
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        optimizer.step()  # accelerate's optimizer steps only when the accumulated gradients sync
+        if self.lazy is not None and self.accelerator.sync_gradients:
+            # The table is a matrix: it takes the decay group's settings, as it would inside AdamW.
+            self.lazy.step(self.rows.used(), optimizer.param_groups[MATRICES])
 
     def clear(self, optimizer: torch.optim.Optimizer) -> None:
         if self.rows is None:
@@ -141,13 +161,17 @@ class StepGradients:
 
 
 @contextmanager
-def lean_steps(model: torch.nn.Module, accelerator: Accelerator) -> Iterator[StepGradients]:
+def lean_steps(model: torch.nn.Module, accelerator: Accelerator, lazy: embedding_gradient.LazyAdamW | None = None) -> Iterator[StepGradients]:
     """While training: the CPU's cheaper dropout (``kdlib/dropout.py``) and attention
-    (``kdlib/attention.py``), and word-embedding row gradients (``kdlib/embedding_gradient.py``).
-    Yields how steps clip and clear gradients."""
+    (``kdlib/attention.py``), and word-embedding row gradients (``kdlib/embedding_gradient.py``),
+    which ``lazy`` (from ``make_optimizer``) needs on every device. Yields how steps clip, update and clear."""
     device = accelerator.device
-    with dropout.cpu_dropout(model), attention.cpu_attention_while(model, device), embedding_gradient.row_gradient(model, device) as rows:
-        yield StepGradients(accelerator, rows)
+    with (
+        dropout.cpu_dropout(model),
+        attention.cpu_attention_while(model, device),
+        embedding_gradient.row_gradient(model, device, lazy is not None) as rows,
+    ):
+        yield StepGradients(accelerator, rows, lazy)
 
 
 def train_epoch(
@@ -176,7 +200,7 @@ def train_epoch(
             accelerator.backward(loss)
             if accelerator.sync_gradients:
                 gradients.clip(model, cfg.max_grad_norm)
-            optimizer.step()
+            gradients.step(optimizer)
             scheduler.step()
             gradients.clear(optimizer)
         loss_sum += loss.detach()
@@ -215,11 +239,9 @@ def fit(
     ``label`` starts each progress line (e.g. "teacher: ", "trial 3: ").
     """
     set_seed(cfg.seed)
-    if cfg.freeze_word_embeddings:
-        model.get_input_embeddings().weight.requires_grad_(False)
     accelerator = make_accelerator(cfg.mixed_precision, cfg.grad_accum_steps)
     sampler = train_loader.batch_sampler
-    optimizer = make_optimizer(model, cfg, accelerator.device)
+    optimizer, lazy = make_optimizer(model, cfg, accelerator.device)
     updates_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum_steps)
     total = updates_per_epoch * cfg.epochs
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total), total)
@@ -232,7 +254,7 @@ def fit(
             sampler.set_epoch(epoch)
         desc = f"{label}epoch {epoch}/{cfg.epochs}"
         # Validation runs outside: it scores the model as it will be scored once saved.
-        with lean_steps(unwrapped, accelerator) as gradients:
+        with lean_steps(unwrapped, accelerator, lazy) as gradients:
             metrics = train_epoch(model, train_loader, optimizer, scheduler, accelerator, loss_fn, cfg, desc, gradients)
         evaluation = evaluate(predict_logits(model, eval_loader, accelerator))
         metrics = {**metrics, **{f"val_{name}": value for name, value in evaluation.items()}}

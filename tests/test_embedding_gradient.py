@@ -5,7 +5,8 @@ import torch
 
 from kdlib import batching
 from kdlib.config import TrainConfig
-from kdlib.embedding_gradient import row_gradient
+from kdlib.embedding_gradient import LazyAdamW, row_gradient
+from kdlib.errors import KDError
 from kdlib.training import make_optimizer
 from tests.helpers import demo_splits, fit_one_epoch, tiny_classifier
 
@@ -14,7 +15,7 @@ CPU = torch.device("cpu")
 
 def steps(model, loader, rows: bool, n: int = 6, max_norm: float = 1.0) -> None:
     """``n`` AdamW steps as the training loop takes them, with row gradients or torch's dense path."""
-    optimizer = make_optimizer(model, TrainConfig(learning_rate=1e-2), CPU)
+    optimizer, _ = make_optimizer(model, TrainConfig(learning_rate=1e-2), CPU)
     torch.manual_seed(0)  # the same dropout masks with and without, whatever ran before
     with row_gradient(model, CPU) if rows else contextlib.nullcontext() as table:
         assert (table is not None) == rows
@@ -106,3 +107,40 @@ def test_fit_returns_a_model_without_gradient_buffers(setup):
     result = fit_one_epoch(tiny_classifier(splits.train.texts), encoded)
     assert all(p.grad is None for p in result.model.parameters())
     assert not result.model.get_input_embeddings().sparse
+
+
+def test_lazy_adamw_moves_the_used_rows_as_adamw_does_and_leaves_the_others_as_they_were():
+    torch.manual_seed(0)
+    table = torch.nn.Parameter(torch.randn(40, 8))
+    loaded = table.detach().clone()
+    dense = torch.nn.Parameter(loaded.clone())
+    adamw = torch.optim.AdamW([dense], lr=1e-2, weight_decay=0.1, fused=True)
+    lazy = LazyAdamW(table)
+    used = torch.tensor([3, 7, 8, 20])
+    for _ in range(3):  # the same rows every step: on them, lazy and dense AdamW are the same formula
+        grad = torch.zeros_like(table)
+        grad[used] = torch.randn(len(used), 8)
+        table.grad, dense.grad = grad, grad.clone()
+        adamw.step()
+        lazy.step(used, adamw.param_groups[0])  # the same settings
+    assert torch.allclose(table[used], dense[used], rtol=0, atol=1e-6)
+    others = torch.ones(len(table), dtype=torch.bool)
+    others[used] = False
+    # Dense AdamW decays every row; the lazy one leaves the unused rows, and their moments, as they were.
+    assert torch.equal(table[others], loaded[others]) and not torch.allclose(dense[others], loaded[others])
+    exp_avg, exp_avg_sq, steps = lazy.state
+    assert not exp_avg[others].any() and not exp_avg_sq[others].any() and int(steps) == 3
+    assert torch.equal(exp_avg[used], adamw.state[dense]["exp_avg"][used])
+
+
+def test_lazy_word_embeddings_need_an_embedding_table():
+    class Wrapped(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.words = torch.nn.Linear(4, 4)
+
+        def get_input_embeddings(self):
+            return self.words
+
+    with pytest.raises(KDError, match="word_embeddings: lazy needs input embeddings that are a torch.nn.Embedding, not Linear"):
+        make_optimizer(Wrapped(), TrainConfig(word_embeddings="lazy"), CPU)

@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -94,10 +95,23 @@ def test_frozen_word_embeddings_stay_as_loaded_while_the_rest_trains(tmp_path):
     splits = demo_splits(max_train=300, max_eval=50)
     clf = tiny_classifier(splits.train.texts)
     before = {name: p.detach().clone() for name, p in clf.model.named_parameters()}
-    cfg = TrainConfig(**{**CFG.__dict__, "epochs": 1, "freeze_word_embeddings": True})
+    cfg = TrainConfig(**{**CFG.__dict__, "epochs": 1, "word_embeddings": "frozen"})
     result = fit_one_epoch(clf, batching.encode(splits.train, clf.tokenizer, 64, tmp_path), cfg)
     after = dict(result.model.named_parameters())
     words = "bert.embeddings.word_embeddings.weight"
     assert torch.equal(after[words], before[words])
     assert not torch.equal(after["bert.embeddings.position_embeddings.weight"], before["bert.embeddings.position_embeddings.weight"])
     assert not torch.equal(after["classifier.weight"], before["classifier.weight"])
+
+
+def test_lazy_word_embeddings_move_only_the_rows_that_training_sentences_use(tmp_path):
+    splits = demo_splits(max_train=300, max_eval=50)
+    clf = tiny_classifier(splits.train.texts)
+    encoded = batching.encode(splits.train, clf.tokenizer, 64, tmp_path)
+    before = clf.model.get_input_embeddings().weight.detach().clone()
+    cfg = TrainConfig(**{**CFG.__dict__, "epochs": 1, "word_embeddings": "lazy"})
+    after = fit_one_epoch(clf, encoded, cfg).model.get_input_embeddings().weight
+    moved = set(torch.nonzero((after != before).any(dim=1)).flatten().tolist())
+    # The padding row, which batches also use, is all zeros with no gradient: it stays zero.
+    used = set(np.concatenate(encoded.input_ids).tolist())
+    assert moved == used and len(used) < len(before) - 10

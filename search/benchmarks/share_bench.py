@@ -57,7 +57,8 @@ def _trial(shape: dict, steps: int, warmup: int, threads: int, seed: int, ready,
     cfg = TrainConfig(learning_rate=1e-4)
     accelerator = make_accelerator(cfg.mixed_precision)
     device = accelerator.device
-    model, optimizer = accelerator.prepare(model.train(), make_optimizer(model, cfg, device))
+    optimizer, lazy = make_optimizer(model, cfg, device)
+    model, optimizer = accelerator.prepare(model.train(), optimizer)
     encoded = sentences((warmup + steps) * BATCH, seed)
     targets = torch.randn(len(encoded), 2)
     batches = iter(batching.train_loader(encoded, 0, BATCH, seed))
@@ -68,10 +69,10 @@ def _trial(shape: dict, steps: int, warmup: int, threads: int, seed: int, ready,
         loss, _, _ = kd_loss(logits, targets[batch["index"].cpu()].to(device), batch["labels"], 4.0, 0.5)
         accelerator.backward(loss)
         gradients.clip(model, cfg.max_grad_norm)
-        optimizer.step()
+        gradients.step(optimizer)
         gradients.clear(optimizer)
 
-    with lean_steps(model, accelerator) as gradients:  # as kdlib's training loop steps
+    with lean_steps(model, accelerator, lazy) as gradients:  # as kdlib's training loop steps
         for _ in range(warmup):
             step(gradients)
         if device.type == "cuda":

@@ -6,7 +6,7 @@ loss against random soft targets, in the precisions asked for (default ``auto``)
 alternating, so a slow spell of the host shows as disagreement between the runs.
 
     python -m search.benchmarks.step_profile            # from the project root; needs ../shared (see README)
-    python -m search.benchmarks.step_profile --precision auto bf16 --freeze false --loop kdlib --steps 40   # auto against explicit bf16
+    python -m search.benchmarks.step_profile --precision auto bf16 --word-embeddings dense --loop kdlib --steps 40   # auto against explicit bf16
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from kdlib import batching, precision
-from kdlib.config import DataConfig, TrainConfig
+from kdlib.config import WORD_EMBEDDINGS, DataConfig, TrainConfig
 from kdlib.data import load_splits
 from kdlib.losses import kd_loss
 from kdlib.models import Classifier, cut_from_teacher
@@ -29,20 +29,19 @@ TEACHER = "../shared/models/all-MiniLM-L6-v2"
 WARMUP = 20  # untimed steps: the first steps of a fresh model are slower
 
 
-def profile(teacher: Classifier, encoded: batching.Encoded, frozen: bool, loop: str, mixed_precision: str, steps: int) -> dict[str, float]:
+def profile(teacher: Classifier, encoded: batching.Encoded, word_embeddings: str, loop: str, mixed_precision: str, steps: int) -> dict[str, float]:
     """Seconds per part, summed over the timed steps, and the number of timed steps. ``loop``: "kdlib"
-    steps as ``kdlib.training.fit`` does (``lean_steps``: its CPU dropout and word-embedding row gradients), "torch"
-    with torch's dropout and dense gradients freed every step (the loop before those two)."""
+    steps as ``kdlib.training.fit`` does (``lean_steps``: its CPU dropout, attention and word-embedding row
+    gradients), "torch" with torch's dropout and attention and dense gradients freed every step (the loop before those)."""
     model = cut_from_teacher(teacher, (0, 2, 4)).model.train()
-    cfg = TrainConfig(learning_rate=1e-4, freeze_word_embeddings=frozen, mixed_precision=mixed_precision)
-    if frozen:
-        model.get_input_embeddings().weight.requires_grad_(False)
+    cfg = TrainConfig(learning_rate=1e-4, word_embeddings=word_embeddings, mixed_precision=mixed_precision)
     accelerator = make_accelerator(cfg.mixed_precision)
-    model, optimizer = accelerator.prepare(model, make_optimizer(model, cfg, accelerator.device))
+    optimizer, lazy = make_optimizer(model, cfg, accelerator.device)
+    model, optimizer = accelerator.prepare(model, optimizer)
     targets = torch.randn(len(encoded), 2)
     batches = iter(batching.train_loader(encoded, teacher.tokenizer.pad_token_id, cfg.batch_size, 0))
     parts = dict.fromkeys(("data", "forward", "backward", "clip", "optimizer"), 0.0)
-    with lean_steps(model, accelerator) if loop == "kdlib" else contextlib.nullcontext(StepGradients(accelerator)) as gradients:
+    with lean_steps(model, accelerator, lazy) if loop == "kdlib" else contextlib.nullcontext(StepGradients(accelerator)) as gradients:
         for step in range(WARMUP + steps):
             _timed_step(model, optimizer, accelerator, batches, targets, cfg, gradients, parts if step >= WARMUP else None)
     return {**parts, "steps": steps}
@@ -60,7 +59,7 @@ def _timed_step(model, optimizer, accelerator, batches, targets, cfg: TrainConfi
     marks.append(time.perf_counter())
     gradients.clip(model, cfg.max_grad_norm)
     marks.append(time.perf_counter())
-    optimizer.step()
+    gradients.step(optimizer)
     gradients.clear(optimizer)
     marks.append(time.perf_counter())
     if parts is not None:
@@ -71,13 +70,13 @@ def _timed_step(model, optimizer, accelerator, batches, targets, cfg: TrainConfi
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m search.benchmarks.step_profile", description="Where a student training step's time goes.")
     parser.add_argument("--precision", nargs="+", default=["auto"], choices=["auto", "bf16", "no"], help="train.mixed_precision values")
-    parser.add_argument("--freeze", nargs="+", default=["false", "true"], choices=["false", "true"], help="freeze_word_embeddings values")
+    parser.add_argument("--word-embeddings", nargs="+", default=list(WORD_EMBEDDINGS), choices=WORD_EMBEDDINGS, help="word_embeddings values")
     parser.add_argument(
         "--loop",
         nargs="+",
         default=["torch", "kdlib"],
         choices=["torch", "kdlib"],
-        help="step as kdlib's loop does, or with torch's dropout and dense gradients",
+        help="step as kdlib's loop does, or with torch's dropout and attention and dense gradients (not with lazy word embeddings, which need kdlib's row gradients)",
     )
     parser.add_argument("--steps", type=int, default=100, help="timed steps per run")
     parser.add_argument("--rounds", type=int, default=2, help="runs of every setting, alternating")
@@ -86,15 +85,21 @@ def main(argv: list[str] | None = None) -> None:
     teacher = Classifier(tokenizer, AutoModelForSequenceClassification.from_pretrained(TEACHER, num_labels=2))
     splits = load_splits(DataConfig(source="../shared/data/sst2", max_train_examples=8000))
     encoded = batching.encode(splits.train, tokenizer, 128, ".kdcache")
-    settings = [(chosen, frozen == "true", loop) for chosen in args.precision for frozen in args.freeze for loop in args.loop]
-    for chosen, frozen, loop in settings * args.rounds:
-        parts = profile(teacher, encoded, frozen, loop, chosen, args.steps)
+    settings = [
+        (chosen, table, loop)
+        for chosen in args.precision
+        for table in args.word_embeddings
+        for loop in args.loop
+        if not (table == "lazy" and loop == "torch")
+    ]
+    for chosen, table, loop in settings * args.rounds:
+        parts = profile(teacher, encoded, table, loop, chosen, args.steps)
         steps = parts.pop("steps")
         total = sum(parts.values())
         shares = ", ".join(f"{name} {1e3 * spent / steps:.1f} ms ({spent / total:.0%})" for name, spent in parts.items())
         resolved = precision.resolve(chosen).mixed_precision
         print(
-            f"mixed_precision={chosen} ({resolved}) freeze_word_embeddings={frozen} loop={loop}: "
+            f"mixed_precision={chosen} ({resolved}) word_embeddings={table} loop={loop}: "
             f"{1e3 * total / steps:.1f} ms/step, "
             f"{32 * steps / total:.0f} examples/s; {shares}",
             flush=True,
