@@ -74,6 +74,11 @@ def make_optimizer(
     lazy = cfg.word_embeddings == "lazy"
     if lazy and not isinstance(table, torch.nn.Embedding):
         raise KDError(f"word_embeddings: lazy needs input embeddings that are a torch.nn.Embedding, not {type(table).__name__}; use dense or frozen")
+    if lazy and precision.resolve(cfg.mixed_precision).mixed_precision == "fp16":
+        # fp16's loss scaler unscales, and checks for overflow, only the gradients of the optimizer it steps
+        raise KDError(
+            "word_embeddings: lazy cannot train in fp16 (mixed_precision resolves to fp16 here); use mixed_precision bf16 or no, or word_embeddings dense"
+        )
     # No weight decay on biases and LayerNorm weights, as in BERT's original recipe.
     decay, no_decay = [], []
     for param in model.parameters():

@@ -3,7 +3,7 @@ import contextlib
 import pytest
 import torch
 
-from kdlib import batching
+from kdlib import batching, precision
 from kdlib.config import TrainConfig
 from kdlib.embedding_gradient import LazyAdamW, row_gradient
 from kdlib.errors import KDError
@@ -144,3 +144,11 @@ def test_lazy_word_embeddings_need_an_embedding_table():
 
     with pytest.raises(KDError, match="word_embeddings: lazy needs input embeddings that are a torch.nn.Embedding, not Linear"):
         make_optimizer(Wrapped(), TrainConfig(word_embeddings="lazy"), CPU)
+
+
+def test_lazy_word_embeddings_refuse_fp16(monkeypatch):
+    # fp16 needs CUDA; what matters is what the precision resolves to on the machine
+    monkeypatch.setattr(precision, "resolve", lambda requested: precision.Precision("fp16", "a CUDA GPU without bf16"))
+    model = tiny_classifier(demo_splits(max_train=50, max_eval=10).train.texts).model
+    with pytest.raises(KDError, match="word_embeddings: lazy cannot train in fp16"):
+        make_optimizer(model, TrainConfig(word_embeddings="lazy"), CPU)
