@@ -112,6 +112,11 @@ def check(cfg: ExperimentConfig) -> None:
                 f"config: distill.transfer.{key} = {value!r}: the Trainer recipe has no transfer set; "
                 "expected distill.transfer.copies = 0 and distill.transfer.unlabelled_split = null for a side-by-side run"
             )
+    if cfg.distill.train.word_embeddings != "dense":
+        raise KDError(
+            f"config: distill.train.word_embeddings = {cfg.distill.train.word_embeddings!r}: the Trainer recipe's AdamW updates "
+            "the whole table every step; expected 'dense' for a side-by-side run"
+        )
     if not cfg.student.teacher_layers:
         names = (cfg.student.name_or_path, cfg.teacher.name_or_path)
         if SCRATCH in names or batching.tokenizer_fingerprint(AutoTokenizer.from_pretrained(names[0])) != batching.tokenizer_fingerprint(
