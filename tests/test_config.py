@@ -44,6 +44,10 @@ def test_shipped_experiments_load():
         ("train.epochs=three", "train.epochs = 'three' has the wrong type; expected an integer"),
         ("train.epochs=2.5", "train.epochs = '2.5' has the wrong type; expected an integer"),
         ("train.mixed_precision=fp8", "train.mixed_precision = 'fp8' is out of range; expected one of"),
+        (
+            "distill.train.word_embeddings=sparse",
+            "distill.train.word_embeddings = 'sparse' is out of range; expected one of ('dense', 'lazy', 'frozen')",
+        ),
         ("train.learnin_rate=1", "unknown key 'train.learnin_rate'"),
         ("colour=red", "unknown key 'colour'"),
         ("teacher.hidden_size=0", "teacher.hidden_size = 0 is out of range"),
