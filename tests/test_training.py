@@ -104,12 +104,13 @@ def test_frozen_word_embeddings_stay_as_loaded_while_the_rest_trains(tmp_path):
     assert not torch.equal(after["classifier.weight"], before["classifier.weight"])
 
 
-def test_lazy_word_embeddings_move_only_the_rows_that_training_sentences_use(tmp_path):
+@pytest.mark.parametrize("grad_accum_steps", [1, 2])  # 2: one update per two batches, rows recorded across both
+def test_lazy_word_embeddings_move_only_the_rows_that_training_sentences_use(tmp_path, grad_accum_steps):
     splits = demo_splits(max_train=300, max_eval=50)
     clf = tiny_classifier(splits.train.texts)
     encoded = batching.encode(splits.train, clf.tokenizer, 64, tmp_path)
     before = clf.model.get_input_embeddings().weight.detach().clone()
-    cfg = TrainConfig(**{**CFG.__dict__, "epochs": 1, "word_embeddings": "lazy"})
+    cfg = TrainConfig(**{**CFG.__dict__, "epochs": 1, "word_embeddings": "lazy", "grad_accum_steps": grad_accum_steps})
     after = fit_one_epoch(clf, encoded, cfg).model.get_input_embeddings().weight
     moved = set(torch.nonzero((after != before).any(dim=1)).flatten().tolist())
     # The padding row, which batches also use, is all zeros with no gradient: it stays zero.
