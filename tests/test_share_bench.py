@@ -29,7 +29,8 @@ def test_trials_sharing_the_device_each_report_their_rate():
 def test_the_script_writes_one_row_per_shape_and_share(tmp_path, monkeypatch):
     monkeypatch.setitem(share_bench.SHAPES, "minilm3", TINY)
     out = tmp_path / "share.json"
-    share_bench.main(["--shapes", "minilm3", "--shares", "1", "2", "--steps", "2", "--warmup", "1", "--trial-examples", "3600", "--out", str(out)])
+    argv = ["--shapes", "minilm3", "--shares", "1", "2", "--word-embeddings", "dense", "lazy", "--steps", "2", "--warmup", "1"]
+    share_bench.main([*argv, "--trial-examples", "3600", "--out", str(out)])
     rows = json.loads(out.read_text())["rows"]
-    assert [(row["shape"], row["shares"]) for row in rows] == [("minilm3", 1), ("minilm3", 2)]
+    assert [(row["word_embeddings"], row["shares"]) for row in rows] == [("dense", 1), ("dense", 2), ("lazy", 1), ("lazy", 2)]
     assert all(row["trials_per_hour"] == pytest.approx(row["examples_per_s"]) for row in rows)  # 3,600 examples per trial

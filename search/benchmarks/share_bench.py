@@ -12,6 +12,7 @@ benchmark). On a CPU the threads are split between the k processes, as ``search.
 
     python -m search.benchmarks.share_bench                                   # both shapes, 1, 2 and 4 trials
     python -m search.benchmarks.share_bench --shapes minilm3 --shares 1 2 --steps 50 --out $OUT/share.json
+    python -m search.benchmarks.share_bench --word-embeddings dense lazy     # also with lazy table updates (not in fp16)
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification
 
 from kdlib import batching, precision
-from kdlib.config import TrainConfig
+from kdlib.config import WORD_EMBEDDINGS, TrainConfig
 from kdlib.losses import kd_loss
 from kdlib.training import StepGradients, lean_steps, make_accelerator, make_optimizer
 
@@ -49,12 +50,12 @@ def sentences(n: int, seed: int) -> batching.Encoded:
     return batching.Encoded(ids, rng.integers(0, 2, size=n))
 
 
-def _trial(shape: dict, steps: int, warmup: int, threads: int, seed: int, ready, results) -> None:
+def _trial(shape: dict, word_embeddings: str, steps: int, warmup: int, threads: int, seed: int, ready, results) -> None:
     """One trial's process: build, warm up, wait for the others, time ``steps`` steps, report examples/s."""
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     model = BertForSequenceClassification(BertConfig(vocab_size=VOCAB, num_labels=2, **shape))
-    cfg = TrainConfig(learning_rate=1e-4)
+    cfg = TrainConfig(learning_rate=1e-4, word_embeddings=word_embeddings)
     accelerator = make_accelerator(cfg.mixed_precision)
     device = accelerator.device
     optimizer, lazy = make_optimizer(model, cfg, device)
@@ -86,12 +87,15 @@ def _trial(shape: dict, steps: int, warmup: int, threads: int, seed: int, ready,
     results.put(steps * BATCH / (time.perf_counter() - started))
 
 
-def measure(shape: dict, shares: int, steps: int, warmup: int) -> list[float]:
-    """Examples/s of each of ``shares`` trial processes training at once on this machine's device."""
+def measure(shape: dict, shares: int, steps: int, warmup: int, word_embeddings: str = "dense") -> list[float]:
+    """Examples/s of each of ``shares`` trial processes training at once on this machine's device,
+    updating their word embeddings as ``word_embeddings`` says (``TrainConfig.word_embeddings``)."""
     context = multiprocessing.get_context("spawn")  # CUDA cannot be used in forked children
     ready, results = context.Barrier(shares), context.Queue()
     threads = max(1, (os.cpu_count() or 1) // shares)
-    processes = [context.Process(target=_trial, args=(shape, steps, warmup, threads, seed, ready, results)) for seed in range(shares)]
+    processes = [
+        context.Process(target=_trial, args=(shape, word_embeddings, steps, warmup, threads, seed, ready, results)) for seed in range(shares)
+    ]
     for process in processes:
         process.start()
     rates: list[float] = []
@@ -117,22 +121,32 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shares", nargs="+", type=int, default=[1, 2, 4], help="trials sharing the device at once")
     parser.add_argument("--steps", type=int, default=100, help="timed steps per trial process")
     parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--word-embeddings", nargs="+", default=["dense"], choices=WORD_EMBEDDINGS, help="word_embeddings values")
     parser.add_argument("--trial-examples", type=int, default=7200 * 2, help="examples one trial trains on")
     parser.add_argument("--out", type=Path, default=Path("outputs") / "bench" / "share.json")
     args = parser.parse_args(argv)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.backends.cpu.get_cpu_capability()}, {os.cpu_count()} cores)"
     chosen = precision.resolve(TrainConfig().mixed_precision)
     print(f"device: {device}; precision {chosen.mixed_precision} ({chosen.reason})", flush=True)
-    print(f"| shape | trials at once | examples/s (sum) | trials per hour | against {args.shares[0]} at once |", flush=True)
-    print("| --- | --- | --- | --- | --- |", flush=True)
+    print(f"| shape | word embeddings | trials at once | examples/s (sum) | trials per hour | against {args.shares[0]} at once |", flush=True)
+    print("| --- | --- | --- | --- | --- | --- |", flush=True)
     rows = []
     for name in args.shapes:
-        alone = None
-        for shares in args.shares:
-            total = sum(measure(SHAPES[name], shares, args.steps, args.warmup))
-            alone = alone or total
-            rows.append({"shape": name, "shares": shares, "examples_per_s": total, "trials_per_hour": total * 3600 / args.trial_examples})
-            print(f"| {name} | {shares} | {total:.0f} | {rows[-1]['trials_per_hour']:.1f} | {total / alone:.2f}x |", flush=True)
+        for table in args.word_embeddings:
+            alone = None
+            for shares in args.shares:
+                total = sum(measure(SHAPES[name], shares, args.steps, args.warmup, table))
+                alone = alone or total
+                rows.append(
+                    {
+                        "shape": name,
+                        "word_embeddings": table,
+                        "shares": shares,
+                        "examples_per_s": total,
+                        "trials_per_hour": total * 3600 / args.trial_examples,
+                    }
+                )
+                print(f"| {name} | {table} | {shares} | {total:.0f} | {rows[-1]['trials_per_hour']:.1f} | {total / alone:.2f}x |", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"device": device, "precision": chosen.mixed_precision, "rows": rows}, indent=2))
 
