@@ -104,7 +104,7 @@ def test_frozen_word_embeddings_stay_as_loaded_while_the_rest_trains(tmp_path):
     assert not torch.equal(after["classifier.weight"], before["classifier.weight"])
 
 
-@pytest.mark.parametrize("grad_accum_steps", [1, 2])  # 2: one update per two batches, rows recorded across both
+@pytest.mark.parametrize("grad_accum_steps", [1, 2])  # 2: lazy updates only when two batches' gradients sync
 def test_lazy_word_embeddings_move_only_the_rows_that_training_sentences_use(tmp_path, grad_accum_steps):
     splits = demo_splits(max_train=300, max_eval=50)
     clf = tiny_classifier(splits.train.texts)

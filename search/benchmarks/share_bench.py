@@ -87,7 +87,7 @@ def _trial(shape: dict, word_embeddings: str, steps: int, warmup: int, threads: 
     results.put(steps * BATCH / (time.perf_counter() - started))
 
 
-def measure(shape: dict, shares: int, steps: int, warmup: int, word_embeddings: str = "dense") -> list[float]:
+def measure(shape: dict, shares: int, steps: int, warmup: int, word_embeddings: str = TrainConfig.word_embeddings) -> list[float]:
     """Examples/s of each of ``shares`` trial processes training at once on this machine's device,
     updating their word embeddings as ``word_embeddings`` says (``TrainConfig.word_embeddings``)."""
     context = multiprocessing.get_context("spawn")  # CUDA cannot be used in forked children
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shares", nargs="+", type=int, default=[1, 2, 4], help="trials sharing the device at once")
     parser.add_argument("--steps", type=int, default=100, help="timed steps per trial process")
     parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--word-embeddings", nargs="+", default=["dense"], choices=WORD_EMBEDDINGS, help="word_embeddings values")
+    parser.add_argument("--word-embeddings", nargs="+", default=[TrainConfig.word_embeddings], choices=WORD_EMBEDDINGS, help="word_embeddings values")
     parser.add_argument("--trial-examples", type=int, default=7200 * 2, help="examples one trial trains on")
     parser.add_argument("--out", type=Path, default=Path("outputs") / "bench" / "share.json")
     args = parser.parse_args(argv)
