@@ -26,7 +26,7 @@ from kdlib.errors import KDError
 from kdlib.losses import kd_loss
 from kdlib.metrics import agreement, classification_metrics
 from kdlib.models import Classifier, count_parameters, cut_from_teacher, load_classifier
-from kdlib.training import EpochCallback, FitResult, fit, make_accelerator, predict_logits, score_evaluation
+from kdlib.training import EpochCallback, FitResult, fit, make_accelerator, predict_logits, score_evaluation, word_embedding_updates
 
 SPLITS = ("train", "validation", "eval")
 EVAL_LOGITS = "predictions/eval_logits.npy"  # every finished student's evaluation-split logits, for paired comparisons
@@ -62,7 +62,6 @@ def fetch_teacher(cfg: ExperimentConfig, name: str, version: str, workdir: str) 
 def prepare(cfg: ExperimentConfig, workdir: str) -> StudentData:
     """Load data, the champion teacher's logits and the initial student; refuse mismatched logits."""
     chosen = precision.resolve(cfg.distill.train.mixed_precision)
-    print(f"students: training in {chosen.mixed_precision} ({chosen.reason})", flush=True)
     splits = load_splits(cfg.data)
     name = registry.teacher_model_name(cfg)
     hint = f"run the teacher entry point first: mlflow run . -e teacher --env-manager local -P experiment=<this experiment file> (experiment name {cfg.name!r})"
@@ -82,6 +81,8 @@ def prepare(cfg: ExperimentConfig, workdir: str) -> StudentData:
         template = cut_from_teacher(teacher, cfg.student.teacher_layers)
     else:
         template = load_classifier("student", cfg.student, cfg.data.label_names, splits.train.texts, cfg.data.max_length, cfg.distill.train.seed)
+    updates = word_embedding_updates(template.model, cfg.distill.train)
+    print(f"students: training in {chosen.mixed_precision} ({chosen.reason}), word embeddings {updates} ({cfg.distill.train.word_embeddings})", flush=True)
     encoded = {split: batching.encode(getattr(splits, split), template.tokenizer, cfg.data.max_length, cfg.cache_dir) for split in SPLITS}
     data = StudentData(splits, name, str(version.version), version.run_id, logits, template, encoded, workdir, teacher)
     transfer_data(cfg, data)  # made (or fetched) once here, before any trial or second worker needs it
@@ -223,6 +224,7 @@ def log_student_run(cfg: ExperimentConfig, data: StudentData, on_epoch_end: Epoc
             "non_embedding_parameters": count_parameters(data.template.model, embeddings=False),
             "train_tokens": int(data.encoded["train"].lengths.sum() + (extra.encoded.lengths.sum() if extra else 0)),
             "distill.train.precision": precision.resolve(cfg.distill.train.mixed_precision).mixed_precision,
+            "distill.train.word_embedding_updates": word_embedding_updates(data.template.model, cfg.distill.train),
             **({f"transfer.{k}": v for k, v in extra.info.items()} if extra else {}),
         },
     )

@@ -12,7 +12,7 @@ from kdlib.config import ExperimentConfig
 from kdlib.data import load_splits
 from kdlib.metrics import classification_metrics
 from kdlib.models import count_parameters, load_classifier
-from kdlib.training import fit, make_accelerator, predict_logits, score_evaluation
+from kdlib.training import fit, make_accelerator, predict_logits, score_evaluation, word_embedding_updates
 
 
 @dataclass(frozen=True)
@@ -29,9 +29,10 @@ class TeacherResult:
 def run_teacher(cfg: ExperimentConfig) -> TeacherResult:
     # Everything that can reject the input happens before the MLflow run opens.
     chosen = precision.resolve(cfg.train.mixed_precision)
-    print(f"teacher: training in {chosen.mixed_precision} ({chosen.reason})", flush=True)
     splits = load_splits(cfg.data)
     classifier = load_classifier("teacher", cfg.teacher, cfg.data.label_names, splits.train.texts, cfg.data.max_length, cfg.train.seed)
+    updates = word_embedding_updates(classifier.model, cfg.train)
+    print(f"teacher: training in {chosen.mixed_precision} ({chosen.reason}), word embeddings {updates} ({cfg.train.word_embeddings})", flush=True)
     encoded = {
         name: batching.encode(split, classifier.tokenizer, cfg.data.max_length, cfg.cache_dir)
         for name, split in (("train", splits.train), ("validation", splits.validation), ("eval", splits.eval))
@@ -49,6 +50,7 @@ def run_teacher(cfg: ExperimentConfig) -> TeacherResult:
                 "parameters": count_parameters(classifier.model),
                 "train.precision": chosen.mixed_precision,
                 "train.precision_reason": chosen.reason,
+                "train.word_embedding_updates": updates,
             },
         )
         tracking.log_splits(cfg.data.source, splits)

@@ -46,7 +46,7 @@ def test_shipped_experiments_load():
         ("train.mixed_precision=fp8", "train.mixed_precision = 'fp8' is out of range; expected one of"),
         (
             "distill.train.word_embeddings=sparse",
-            "distill.train.word_embeddings = 'sparse' is out of range; expected one of ('dense', 'lazy', 'frozen')",
+            "distill.train.word_embeddings = 'sparse' is out of range; expected one of ('auto', 'dense', 'lazy', 'frozen')",
         ),
         ("train.learnin_rate=1", "unknown key 'train.learnin_rate'"),
         ("colour=red", "unknown key 'colour'"),

@@ -7,7 +7,7 @@ from kdlib import batching, precision
 from kdlib.config import TrainConfig
 from kdlib.embedding_gradient import LazyAdamW, row_gradient
 from kdlib.errors import KDError
-from kdlib.training import make_optimizer
+from kdlib.training import make_optimizer, word_embedding_updates
 from tests.helpers import demo_splits, fit_one_epoch, tiny_classifier
 
 CPU = torch.device("cpu")
@@ -15,7 +15,7 @@ CPU = torch.device("cpu")
 
 def steps(model, loader, rows: bool, n: int = 6, max_norm: float = 1.0) -> None:
     """``n`` AdamW steps as the training loop takes them, with row gradients or torch's dense path."""
-    optimizer, _ = make_optimizer(model, TrainConfig(learning_rate=1e-2), CPU)
+    optimizer, _ = make_optimizer(model, TrainConfig(learning_rate=1e-2, word_embeddings="dense"), CPU)
     torch.manual_seed(0)  # the same dropout masks with and without, whatever ran before
     with row_gradient(model, CPU) if rows else contextlib.nullcontext() as table:
         assert (table is not None) == rows
@@ -133,15 +133,27 @@ def test_lazy_adamw_moves_the_used_rows_as_adamw_does_and_leaves_the_others_as_t
     assert torch.equal(exp_avg[used], adamw.state[dense]["exp_avg"][used])
 
 
+class Wrapped(torch.nn.Module):
+    """A model whose input embeddings are not a torch.nn.Embedding."""
+
+    def __init__(self):
+        super().__init__()
+        self.words = torch.nn.Linear(4, 4)
+
+    def get_input_embeddings(self):
+        return self.words
+
+
+@pytest.mark.parametrize(
+    "device, table, expected",
+    [("cpu", "embedding", "lazy"), ("cuda", "embedding", "dense"), ("cpu", "linear", "dense")],
+)
+def test_auto_word_embeddings_are_lazy_on_a_cpu_only(device, table, expected):
+    model = tiny_classifier(demo_splits(max_train=50, max_eval=10).train.texts).model if table == "embedding" else Wrapped()
+    assert word_embedding_updates(model, TrainConfig(), torch.device(device)) == expected  # auto is the default
+
+
 def test_lazy_word_embeddings_need_an_embedding_table():
-    class Wrapped(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.words = torch.nn.Linear(4, 4)
-
-        def get_input_embeddings(self):
-            return self.words
-
     with pytest.raises(KDError, match="word_embeddings: lazy needs input embeddings that are a torch.nn.Embedding, not Linear"):
         make_optimizer(Wrapped(), TrainConfig(word_embeddings="lazy"), CPU)
 

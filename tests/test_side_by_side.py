@@ -57,7 +57,7 @@ def test_both_sweeps_try_the_same_settings_and_the_recipe_logs_each_trial(tmp_pa
         ("distill.transfer.unlabelled_split=test", "distill.transfer.unlabelled_split"),
         ("search.space.distill.train.warmup_ratio={low: 0.0, high: 0.2}", "search.space.distill.train.warmup_ratio"),
         ("student.teacher_layers=[]", "student"),
-        ("distill.train.word_embeddings=lazy", "distill.train.word_embeddings = 'lazy'"),
+        ("distill.train.word_embeddings=frozen", "distill.train.word_embeddings = 'frozen'"),
     ],
 )
 def test_what_the_recipe_cannot_do_is_refused_before_anything_runs(override, named):

@@ -104,15 +104,22 @@ def test_frozen_word_embeddings_stay_as_loaded_while_the_rest_trains(tmp_path):
     assert not torch.equal(after["classifier.weight"], before["classifier.weight"])
 
 
-@pytest.mark.parametrize("grad_accum_steps", [1, 2])  # 2: lazy updates only when two batches' gradients sync
-def test_lazy_word_embeddings_move_only_the_rows_that_training_sentences_use(tmp_path, grad_accum_steps):
+@pytest.mark.parametrize(
+    "word_embeddings, grad_accum_steps",
+    [("lazy", 1), ("lazy", 2), ("auto", 1), ("dense", 1)],  # 2: lazy updates only when two batches' gradients sync; auto is lazy on a CPU
+)
+def test_lazy_word_embeddings_move_only_the_rows_that_training_sentences_use(tmp_path, word_embeddings, grad_accum_steps):
     splits = demo_splits(max_train=300, max_eval=50)
     clf = tiny_classifier(splits.train.texts)
     encoded = batching.encode(splits.train, clf.tokenizer, 64, tmp_path)
     before = clf.model.get_input_embeddings().weight.detach().clone()
-    cfg = TrainConfig(**{**CFG.__dict__, "epochs": 1, "word_embeddings": "lazy", "grad_accum_steps": grad_accum_steps})
+    cfg = TrainConfig(**{**CFG.__dict__, "epochs": 1, "word_embeddings": word_embeddings, "grad_accum_steps": grad_accum_steps})
     after = fit_one_epoch(clf, encoded, cfg).model.get_input_embeddings().weight
     moved = set(torch.nonzero((after != before).any(dim=1)).flatten().tolist())
     # The padding row, which batches also use, is all zeros with no gradient: it stays zero.
     used = set(np.concatenate(encoded.input_ids).tolist())
-    assert moved == used and len(used) < len(before) - 10
+    assert len(used) < len(before) - 10
+    if word_embeddings == "dense":  # AdamW's momentum and weight decay move rows that no sentence used
+        assert moved > used - {clf.tokenizer.pad_token_id}
+    else:
+        assert moved == used

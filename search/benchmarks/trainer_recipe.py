@@ -112,10 +112,11 @@ def check(cfg: ExperimentConfig) -> None:
                 f"config: distill.transfer.{key} = {value!r}: the Trainer recipe has no transfer set; "
                 "expected distill.transfer.copies = 0 and distill.transfer.unlabelled_split = null for a side-by-side run"
             )
-    if cfg.distill.train.word_embeddings != "dense":
+    if cfg.distill.train.word_embeddings == "frozen":
+        # lazy updates train the same parameters as the recipe's AdamW (a row moves when a step used it); frozen trains fewer
         raise KDError(
-            f"config: distill.train.word_embeddings = {cfg.distill.train.word_embeddings!r}: the Trainer recipe's AdamW updates "
-            "the whole table every step; expected 'dense' for a side-by-side run"
+            "config: distill.train.word_embeddings = 'frozen': the Trainer recipe trains the word embeddings; "
+            "expected 'auto', 'dense' or 'lazy' for a side-by-side run"
         )
     if not cfg.student.teacher_layers:
         names = (cfg.student.name_or_path, cfg.teacher.name_or_path)
