@@ -82,7 +82,10 @@ def prepare(cfg: ExperimentConfig, workdir: str) -> StudentData:
     else:
         template = load_classifier("student", cfg.student, cfg.data.label_names, splits.train.texts, cfg.data.max_length, cfg.distill.train.seed)
     updates = word_embedding_updates(template.model, cfg.distill.train)
-    print(f"students: training in {chosen.mixed_precision} ({chosen.reason}), word embeddings {updates} ({cfg.distill.train.word_embeddings})", flush=True)
+    print(
+        f"students: training in {chosen.mixed_precision} ({chosen.reason}), word embeddings {updates} ({cfg.distill.train.word_embeddings})",
+        flush=True,
+    )
     encoded = {split: batching.encode(getattr(splits, split), template.tokenizer, cfg.data.max_length, cfg.cache_dir) for split in SPLITS}
     data = StudentData(splits, name, str(version.version), version.run_id, logits, template, encoded, workdir, teacher)
     transfer_data(cfg, data)  # made (or fetched) once here, before any trial or second worker needs it

@@ -29,10 +29,12 @@ TEACHER = "../shared/models/all-MiniLM-L6-v2"
 WARMUP = 20  # untimed steps: the first steps of a fresh model are slower
 
 
-def profile(teacher: Classifier, encoded: batching.Encoded, word_embeddings: str, loop: str, mixed_precision: str, steps: int) -> dict[str, float | str]:
+def profile(
+    teacher: Classifier, encoded: batching.Encoded, word_embeddings: str, loop: str, mixed_precision: str, steps: int
+) -> dict[str, float | str]:
     """Seconds per part, summed over the timed steps, the number of timed steps and the word-embedding
-    updates that ``word_embeddings`` resolved to. ``loop``: "kdlib" steps as ``kdlib.training.fit`` does (``lean_steps``: its CPU dropout, attention and word-embedding row
-    gradients), "torch" with torch's dropout and attention and dense gradients freed every step (the loop before those)."""
+    updates that ``word_embeddings`` resolved to. ``loop``: "kdlib" steps as ``kdlib.training.fit``
+    does (``lean_steps``: its CPU dropout, attention and word-embedding row gradients), "torch" with torch's dropout and attention and dense gradients freed every step (the loop before those)."""
     model = cut_from_teacher(teacher, (0, 2, 4)).model.train()
     cfg = TrainConfig(learning_rate=1e-4, word_embeddings=word_embeddings, mixed_precision=mixed_precision)
     accelerator = make_accelerator(cfg.mixed_precision)
