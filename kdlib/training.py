@@ -150,7 +150,7 @@ def score_evaluation(
 
 
 @dataclass(frozen=True)
-class StepGradients:
+class Stepper:
     """How a training step clips its gradients, updates the parameters and clears the gradients:
     through the word embeddings' ``RowGradient`` where ``lean_steps`` set one up, else accelerate's
     clipping and freed gradients; with a ``LazyAdamW`` for the table's used rows."""
@@ -179,7 +179,7 @@ class StepGradients:
 
 
 @contextmanager
-def lean_steps(model: torch.nn.Module, accelerator: Accelerator, lazy: embedding_gradient.LazyAdamW | None = None) -> Iterator[StepGradients]:
+def lean_steps(model: torch.nn.Module, accelerator: Accelerator, lazy: embedding_gradient.LazyAdamW | None = None) -> Iterator[Stepper]:
     """While training: the CPU's cheaper dropout (``kdlib/dropout.py``) and attention
     (``kdlib/attention.py``), and word-embedding row gradients (``kdlib/embedding_gradient.py``),
     which ``lazy`` (from ``make_optimizer``) needs on every device. Yields how steps clip, update and clear."""
@@ -189,7 +189,7 @@ def lean_steps(model: torch.nn.Module, accelerator: Accelerator, lazy: embedding
         attention.cpu_attention_while(model, device),
         embedding_gradient.row_gradient(model, device, lazy is not None) as rows,
     ):
-        yield StepGradients(accelerator, rows, lazy)
+        yield Stepper(accelerator, rows, lazy)
 
 
 def train_epoch(
@@ -201,7 +201,7 @@ def train_epoch(
     loss_fn: LossFn,
     cfg: TrainConfig,
     desc: str,
-    gradients: StepGradients,
+    stepper: Stepper,
 ) -> dict[str, float]:
     """One pass over ``train_loader``: the mean loss and its named parts, examples/s and seconds."""
     model.train()
@@ -217,10 +217,10 @@ def train_epoch(
             loss, parts = loss_fn(logits, batch)
             accelerator.backward(loss)
             if accelerator.sync_gradients:
-                gradients.clip(model, cfg.max_grad_norm)
-            gradients.step(optimizer)
+                stepper.clip(model, cfg.max_grad_norm)
+            stepper.step(optimizer)
             scheduler.step()
-            gradients.clear(optimizer)
+            stepper.clear(optimizer)
         loss_sum += loss.detach()
         for name, value in parts.items():
             part_sums[name] = part_sums.get(name, 0) + value.detach()
@@ -272,8 +272,8 @@ def fit(
             sampler.set_epoch(epoch)
         desc = f"{label}epoch {epoch}/{cfg.epochs}"
         # Validation runs outside: it scores the model as it will be scored once saved.
-        with lean_steps(unwrapped, accelerator, lazy) as gradients:
-            metrics = train_epoch(model, train_loader, optimizer, scheduler, accelerator, loss_fn, cfg, desc, gradients)
+        with lean_steps(unwrapped, accelerator, lazy) as stepper:
+            metrics = train_epoch(model, train_loader, optimizer, scheduler, accelerator, loss_fn, cfg, desc, stepper)
         evaluation = evaluate(predict_logits(model, eval_loader, accelerator))
         metrics = {**metrics, **{f"val_{name}": value for name, value in evaluation.items()}}
         result.history.append(metrics)

@@ -32,7 +32,7 @@ from transformers import BertConfig, BertForSequenceClassification
 from kdlib import batching, precision
 from kdlib.config import WORD_EMBEDDINGS, TrainConfig
 from kdlib.losses import kd_loss
-from kdlib.training import StepGradients, lean_steps, make_accelerator, make_optimizer
+from kdlib.training import Stepper, lean_steps, make_accelerator, make_optimizer
 
 SHAPES = {
     "minilm3": {"hidden_size": 384, "num_hidden_layers": 3, "num_attention_heads": 12, "intermediate_size": 1536},
@@ -64,24 +64,24 @@ def _trial(shape: dict, word_embeddings: str, steps: int, warmup: int, threads: 
     targets = torch.randn(len(encoded), 2)
     batches = iter(batching.train_loader(encoded, 0, BATCH, seed))
 
-    def step(gradients: StepGradients) -> None:
+    def step(stepper: Stepper) -> None:
         batch = {key: value.to(device, non_blocking=True) for key, value in next(batches).items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         loss, _, _ = kd_loss(logits, targets[batch["index"].cpu()].to(device), batch["labels"], 4.0, 0.5)
         accelerator.backward(loss)
-        gradients.clip(model, cfg.max_grad_norm)
-        gradients.step(optimizer)
-        gradients.clear(optimizer)
+        stepper.clip(model, cfg.max_grad_norm)
+        stepper.step(optimizer)
+        stepper.clear(optimizer)
 
-    with lean_steps(model, accelerator, lazy) as gradients:  # as kdlib's training loop steps
+    with lean_steps(model, accelerator, lazy) as stepper:  # as kdlib's training loop steps
         for _ in range(warmup):
-            step(gradients)
+            step(stepper)
         if device.type == "cuda":
             torch.cuda.synchronize()
         ready.wait()  # every process starts timing together, so the k trials truly share the device
         started = time.perf_counter()
         for _ in range(steps):
-            step(gradients)
+            step(stepper)
         if device.type == "cuda":
             torch.cuda.synchronize()
     results.put(steps * BATCH / (time.perf_counter() - started))

@@ -23,7 +23,7 @@ from kdlib.config import WORD_EMBEDDINGS, DataConfig, TrainConfig
 from kdlib.data import load_splits
 from kdlib.losses import kd_loss
 from kdlib.models import Classifier, cut_from_teacher
-from kdlib.training import StepGradients, lean_steps, make_accelerator, make_optimizer, word_embedding_updates
+from kdlib.training import Stepper, lean_steps, make_accelerator, make_optimizer, word_embedding_updates
 
 TEACHER = "../shared/models/all-MiniLM-L6-v2"
 WARMUP = 20  # untimed steps: the first steps of a fresh model are slower
@@ -44,13 +44,13 @@ def profile(
     targets = torch.randn(len(encoded), 2)
     batches = iter(batching.train_loader(encoded, teacher.tokenizer.pad_token_id, cfg.batch_size, 0))
     parts = dict.fromkeys(("data", "forward", "backward", "clip", "optimizer"), 0.0)
-    with lean_steps(model, accelerator, lazy) if loop == "kdlib" else contextlib.nullcontext(StepGradients(accelerator)) as gradients:
+    with lean_steps(model, accelerator, lazy) if loop == "kdlib" else contextlib.nullcontext(Stepper(accelerator)) as stepper:
         for step in range(WARMUP + steps):
-            _timed_step(model, optimizer, accelerator, batches, targets, cfg, gradients, parts if step >= WARMUP else None)
+            _timed_step(model, optimizer, accelerator, batches, targets, cfg, stepper, parts if step >= WARMUP else None)
     return {**parts, "steps": steps, "updates": updates}
 
 
-def _timed_step(model, optimizer, accelerator, batches, targets, cfg: TrainConfig, gradients: StepGradients, parts: dict[str, float] | None) -> None:
+def _timed_step(model, optimizer, accelerator, batches, targets, cfg: TrainConfig, stepper: Stepper, parts: dict[str, float] | None) -> None:
     """One KD training step; adds each part's seconds to ``parts`` unless it is None (a warm-up step)."""
     marks = [time.perf_counter()]
     batch = next(batches)
@@ -60,10 +60,10 @@ def _timed_step(model, optimizer, accelerator, batches, targets, cfg: TrainConfi
     marks.append(time.perf_counter())
     accelerator.backward(loss)
     marks.append(time.perf_counter())
-    gradients.clip(model, cfg.max_grad_norm)
+    stepper.clip(model, cfg.max_grad_norm)
     marks.append(time.perf_counter())
-    gradients.step(optimizer)
-    gradients.clear(optimizer)
+    stepper.step(optimizer)
+    stepper.clear(optimizer)
     marks.append(time.perf_counter())
     if parts is not None:
         for name, start, end in zip(parts, marks[:-1], marks[1:], strict=True):
