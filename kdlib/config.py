@@ -128,7 +128,7 @@ class TrainConfig:
     mixed_precision: auto (bf16 where the hardware runs it natively, fp16 on a CUDA GPU without bf16, else fp32), bf16, fp16 (CUDA only) or no
     seed: seed of the shuffling and of the fresh classifier head
     log_every: steps between host reads of the running loss (the loop syncs with the device only then)
-    word_embeddings: how AdamW updates the word-embedding table (most of a small student's parameters): auto (lazy on a CPU, dense on a GPU), dense (every row, every step), lazy (only the rows the step's sentences used, moments included) or frozen (kept as loaded: no gradient, no optimizer state, no update)
+    word_embeddings: how AdamW updates the word-embedding table (most of a small student's parameters): auto (lazy on a CPU, dense on a GPU and for a model that starts from scratch), dense (every row, every step), lazy (only the rows the step's sentences used, moments included) or frozen (kept as loaded: no gradient, no optimizer state, no update)
     """
 
     learning_rate: float = 2e-5

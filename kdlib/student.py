@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +25,7 @@ from kdlib.data import Splits, load_splits, load_unlabelled
 from kdlib.errors import KDError
 from kdlib.losses import kd_loss
 from kdlib.metrics import agreement, classification_metrics
-from kdlib.models import Classifier, count_parameters, cut_from_teacher, load_classifier
+from kdlib.models import SCRATCH, Classifier, count_parameters, cut_from_teacher, load_classifier
 from kdlib.training import EpochCallback, FitResult, fit, make_accelerator, predict_logits, score_evaluation, word_embedding_updates
 
 SPLITS = ("train", "validation", "eval")
@@ -59,6 +59,13 @@ def fetch_teacher(cfg: ExperimentConfig, name: str, version: str, workdir: str) 
     return load_classifier("teacher", ModelConfig(name_or_path=str(folder)), cfg.data.label_names, [], cfg.data.max_length, cfg.distill.train.seed)
 
 
+def embedding_updates(cfg: ExperimentConfig, model: torch.nn.Module) -> str:
+    """How the student's word-embedding table trains (``cfg.distill.train.word_embeddings`` resolved);
+    a student cut from the teacher starts from the teacher's trained table, not from scratch."""
+    scratch = cfg.student.name_or_path == SCRATCH and not cfg.student.teacher_layers
+    return word_embedding_updates(model, cfg.distill.train, scratch=scratch)
+
+
 def prepare(cfg: ExperimentConfig, workdir: str) -> StudentData:
     """Load data, the champion teacher's logits and the initial student; refuse mismatched logits."""
     chosen = precision.resolve(cfg.distill.train.mixed_precision)
@@ -81,7 +88,7 @@ def prepare(cfg: ExperimentConfig, workdir: str) -> StudentData:
         template = cut_from_teacher(teacher, cfg.student.teacher_layers)
     else:
         template = load_classifier("student", cfg.student, cfg.data.label_names, splits.train.texts, cfg.data.max_length, cfg.distill.train.seed)
-    updates = word_embedding_updates(template.model, cfg.distill.train)
+    updates = embedding_updates(cfg, template.model)
     print(
         f"students: training in {chosen.mixed_precision} ({chosen.reason}), word embeddings {updates} ({cfg.distill.train.word_embeddings})",
         flush=True,
@@ -161,7 +168,7 @@ class TrainedStudent:
 def train_student(cfg: ExperimentConfig, data: StudentData, on_epoch_end: EpochCallback | None = None, label: str = "student: ") -> TrainedStudent:
     """A fresh copy of the initial student, trained with the KD loss at ``cfg.distill``'s settings,
     chosen on validation, then scored once on the evaluation split."""
-    distill, train_cfg = cfg.distill, cfg.distill.train
+    distill, train_cfg = cfg.distill, replace(cfg.distill.train, word_embeddings=embedding_updates(cfg, data.template.model))
     train, targets = data.encoded["train"], data.teacher_logits["train"]
     extra = transfer_data(cfg, data)
     if extra is not None:
@@ -227,7 +234,7 @@ def log_student_run(cfg: ExperimentConfig, data: StudentData, on_epoch_end: Epoc
             "non_embedding_parameters": count_parameters(data.template.model, embeddings=False),
             "train_tokens": int(data.encoded["train"].lengths.sum() + (extra.encoded.lengths.sum() if extra else 0)),
             "distill.train.precision": precision.resolve(cfg.distill.train.mixed_precision).mixed_precision,
-            "distill.train.word_embedding_updates": word_embedding_updates(data.template.model, cfg.distill.train),
+            "distill.train.word_embedding_updates": embedding_updates(cfg, data.template.model),
             **({f"transfer.{k}": v for k, v in extra.info.items()} if extra else {}),
         },
     )

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from kdlib import batching, logits_cache, precision, registry, tracking
 from kdlib.config import ExperimentConfig
 from kdlib.data import load_splits
 from kdlib.metrics import classification_metrics
-from kdlib.models import count_parameters, load_classifier
+from kdlib.models import SCRATCH, count_parameters, load_classifier
 from kdlib.training import fit, make_accelerator, predict_logits, score_evaluation, word_embedding_updates
 
 
@@ -31,7 +31,8 @@ def run_teacher(cfg: ExperimentConfig) -> TeacherResult:
     chosen = precision.resolve(cfg.train.mixed_precision)
     splits = load_splits(cfg.data)
     classifier = load_classifier("teacher", cfg.teacher, cfg.data.label_names, splits.train.texts, cfg.data.max_length, cfg.train.seed)
-    updates = word_embedding_updates(classifier.model, cfg.train)
+    updates = word_embedding_updates(classifier.model, cfg.train, scratch=cfg.teacher.name_or_path == SCRATCH)
+    train_cfg = replace(cfg.train, word_embeddings=updates)  # resolved here, where it is known whether the model starts from scratch
     print(f"teacher: training in {chosen.mixed_precision} ({chosen.reason}), word embeddings {updates} ({cfg.train.word_embeddings})", flush=True)
     encoded = {
         name: batching.encode(split, classifier.tokenizer, cfg.data.max_length, cfg.cache_dir)
@@ -60,7 +61,7 @@ def run_teacher(cfg: ExperimentConfig) -> TeacherResult:
                 batching.train_loader(encoded["train"], pad, cfg.train.batch_size, cfg.train.seed),
                 loaders["validation"],
                 lambda logits: classification_metrics(logits, encoded["validation"].labels),
-                cfg.train,
+                train_cfg,
                 on_epoch_end=lambda epoch, metrics: tracking.log_epoch(epoch, metrics, model_id),
                 label="teacher: ",
             )

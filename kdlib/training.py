@@ -62,16 +62,17 @@ def make_accelerator(mixed_precision: str, grad_accum_steps: int = 1) -> Acceler
     return Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=grad_accum_steps)
 
 
-def word_embedding_updates(model: torch.nn.Module, cfg: TrainConfig, device: torch.device | None = None) -> str:
+def word_embedding_updates(model: torch.nn.Module, cfg: TrainConfig, device: torch.device | None = None, scratch: bool = False) -> str:
     """How ``model``'s word-embedding table trains on ``device`` (accelerate's device when None): dense,
     lazy or frozen, with ``cfg.word_embeddings`` resolved. ``auto`` is lazy on a CPU, where AdamW's pass
-    over the whole table is memory-bound and lazy makes the step faster at the same accuracy (README, "A
-    leaner student step"), and dense on an accelerator, where that pass is cheap, lazy is unmeasured and
-    fp16 could not run it. An explicit lazy that cannot run is refused."""
+    over the whole table is memory-bound and lazy makes the step faster at the same accuracy when
+    fine-tuning (README, "A leaner student step"). It is dense on an accelerator, where that pass is
+    cheap, lazy is unmeasured and fp16 could not run it, and for a ``scratch`` model, whose random
+    rows learn more slowly when a row moves only in the steps that use it. An explicit lazy that cannot run is refused."""
     table = model.get_input_embeddings()
     device = device if device is not None else PartialState().device
     if cfg.word_embeddings == "auto":
-        return "lazy" if device.type == "cpu" and isinstance(table, torch.nn.Embedding) else "dense"
+        return "lazy" if device.type == "cpu" and isinstance(table, torch.nn.Embedding) and not scratch else "dense"
     if cfg.word_embeddings == "lazy" and not isinstance(table, torch.nn.Embedding):
         raise KDError(f"word_embeddings: lazy needs input embeddings that are a torch.nn.Embedding, not {type(table).__name__}; use dense or frozen")
     if cfg.word_embeddings == "lazy" and precision.resolve(cfg.mixed_precision).mixed_precision == "fp16":

@@ -145,12 +145,17 @@ class Wrapped(torch.nn.Module):
 
 
 @pytest.mark.parametrize(
-    "device, table, expected",
-    [("cpu", "embedding", "lazy"), ("cuda", "embedding", "dense"), ("cpu", "linear", "dense")],
+    "device, table, scratch, expected",
+    [
+        ("cpu", "embedding", False, "lazy"),
+        ("cuda", "embedding", False, "dense"),
+        ("cpu", "linear", False, "dense"),
+        ("cpu", "embedding", True, "dense"),
+    ],
 )
-def test_auto_word_embeddings_are_lazy_on_a_cpu_only(device, table, expected):
+def test_auto_word_embeddings_are_lazy_on_a_cpu_for_a_trained_table_only(device, table, scratch, expected):
     model = tiny_classifier(demo_splits(max_train=50, max_eval=10).train.texts).model if table == "embedding" else Wrapped()
-    assert word_embedding_updates(model, TrainConfig(), torch.device(device)) == expected  # auto is the default
+    assert word_embedding_updates(model, TrainConfig(), torch.device(device), scratch=scratch) == expected  # auto is the default
 
 
 def test_lazy_word_embeddings_need_an_embedding_table():
