@@ -266,7 +266,7 @@ class SearchConfig:
     storage: Optuna storage: a journal file path or a database URL such as postgresql://... (null: a journal beside the MLflow store)
     pruner: median, hyperband or none
     seed: seed of the TPE sampler (give each worker its own)
-    workers: trial processes this command runs on this machine, sharing the study; CPU threads are split between them
+    workers: trial processes this command runs on this machine, sharing the study; CPU threads are split between them (null: 2 on a CPU with 2 or more threads, else 1)
     plain_baseline: after the trials, train the plain student (alpha 0, no transfer set, the best trial's other settings) and log distillation_gain
     space: dotted distill.* key -> {low, high, log} or {choices}; an entry narrows the default field by field, null removes it
     """
@@ -277,7 +277,7 @@ class SearchConfig:
     storage: str | None = None
     pruner: str = "median"
     seed: int = 0
-    workers: int = 1
+    workers: int | None = None
     plain_baseline: bool = True
     space: dict[str, SearchParam] = field(default_factory=_default_space)
 
@@ -285,7 +285,7 @@ class SearchConfig:
         _check(self.n_trials >= 1, "n_trials", "an integer >= 1", self.n_trials)
         _check(self.timeout is None or self.timeout > 0, "timeout", "a number of seconds > 0 or null", self.timeout)
         _check(self.pruner in PRUNERS, "pruner", f"one of {PRUNERS}", self.pruner)
-        _check(self.workers >= 1, "workers", "an integer >= 1", self.workers)
+        _check(self.workers is None or self.workers >= 1, "workers", "an integer >= 1 or null", self.workers)
         _check(bool(self.space), "space", "at least one searched setting", self.space)
 
 

@@ -15,6 +15,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import optuna
 import torch
 from optuna.trial import FrozenTrial, TrialState
@@ -111,36 +112,73 @@ class _Progress:
         )
 
 
+@dataclass(frozen=True)
+class Workers:
+    """How many trial processes this command runs, the CPU threads each gets, and why."""
+
+    count: int
+    threads: int
+    reason: str
+
+
+def local_workers(requested: int | None) -> Workers:
+    """``search.workers`` on this machine; null picks 2 on a CPU with 2 or more threads, else 1.
+
+    Two one-thread trials at once finished 1.23x the trials of one two-thread sweep on a 2-core host
+    (README, "Several workers on one machine"): the small students' matrices leave a second thread
+    little to do. On a GPU several trials per device are unmeasured, so null keeps one there."""
+    total = torch.get_num_threads()
+    if requested is not None:
+        count, reason = requested, "as configured"
+    elif torch.cuda.is_available():
+        count, reason = 1, "auto: one trial at a time on the GPU"
+    elif total < 2:
+        count, reason = 1, "auto: one CPU thread"
+    else:
+        count, reason = 2, f"auto: {total} CPU threads; two trials at once finish more per hour than one with all threads"
+    return Workers(count, max(1, total // count), reason)
+
+
 def run_sweep(cfg: ExperimentConfig) -> SweepResult:
-    """The sweep; with ``search.workers`` > 1, that many trial processes on this machine share the study,
-    the CPU threads split evenly between them. This process is one of them, waits for the others, and
-    alone registers the best trial and moves the champion."""
+    """The sweep; with more than one of ``search.workers``, that many trial processes on this machine
+    share the study, the CPU threads split evenly between them. This process is one of them, waits
+    for the others, and alone registers the best trial and moves the champion."""
     space.validate(cfg)
+    workers = local_workers(cfg.search.workers)
+    print(f"sweep: workers {workers.count} x threads {workers.threads} ({workers.reason})", flush=True)
     threads = torch.get_num_threads()
     try:
-        return _sweep(cfg, cfg.search.workers, promote=True)
+        return _sweep(cfg, workers, launcher=True)
     finally:
         torch.set_num_threads(threads)
 
 
-def _start_local_worker(cfg: ExperimentConfig, index: int, threads: int) -> multiprocessing.Process:
+def worker_seed(seed: int, index: int) -> int:
+    """The sampler seed of local worker ``index`` (1, 2, ...) of a sweep seeded ``seed``. Not ``seed + index``:
+    machines given seeds 0, 1, 2 would each start a local worker with the next machine's seed, and two
+    samplers with one seed draw the same first trials. Below 2**31, as the sampler adds the trial count."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0] >> 1)
+
+
+def _start_local_worker(cfg: ExperimentConfig, index: int, workers: Workers) -> multiprocessing.Process:
     # Spawned, not forked: a fork would copy this process's torch thread pools and MLflow state.
     worker = multiprocessing.get_context("spawn").Process(
-        target=_local_worker, args=(replace(cfg, {"search.seed": cfg.search.seed + index}), threads)
+        target=_local_worker, args=(replace(cfg, {"search.seed": worker_seed(cfg.search.seed, index)}), workers)
     )
     worker.start()
     return worker
 
 
-def _local_worker(cfg: ExperimentConfig, threads: int) -> None:
+def _local_worker(cfg: ExperimentConfig, workers: Workers) -> None:
     # Its own sweep run under the study's root: the launcher's run belongs to the first process.
     os.environ.pop(tracking.LAUNCHER_RUN, None)
-    torch.set_num_threads(threads)
-    _sweep(cfg, 1, promote=False)
+    torch.set_num_threads(workers.threads)
+    _sweep(cfg, workers, launcher=False)
 
 
-def _sweep(cfg: ExperimentConfig, workers: int, promote: bool) -> SweepResult | None:
-    """One worker's part of the sweep; with ``workers`` > 1 it starts the others once the study and its root run exist."""
+def _sweep(cfg: ExperimentConfig, workers: Workers, launcher: bool) -> SweepResult | None:
+    """One worker's part of the sweep. The launcher starts the others once the study and its root run
+    exist, waits for them, and alone registers the best trial."""
     storage, url = make_storage(cfg.search.storage)
     name = study_name(cfg)
     with tempfile.TemporaryDirectory(prefix="kd-sweep-") as tmp:
@@ -155,9 +193,8 @@ def _sweep(cfg: ExperimentConfig, workers: int, promote: bool) -> SweepResult | 
             _attach_to_root(study, run.info.run_id)
             register_worker(study, run.info.run_id)
             total = torch.get_num_threads()
-            threads = max(1, total // workers)
-            others = [_start_local_worker(cfg, i, threads) for i in range(1, workers)]
-            torch.set_num_threads(threads)
+            others = [_start_local_worker(cfg, i, workers) for i in range(1, workers.count)] if launcher else []
+            torch.set_num_threads(workers.threads)
             tracking.log_params(
                 {
                     "search.n_trials": cfg.search.n_trials,
@@ -165,6 +202,10 @@ def _sweep(cfg: ExperimentConfig, workers: int, promote: bool) -> SweepResult | 
                     "search.study_name": name,
                     "search.pruner": cfg.search.pruner,
                     "search.seed": cfg.search.seed,
+                    "search.workers": cfg.search.workers,
+                    "search.local_workers": workers.count,
+                    "search.threads_per_worker": workers.threads,
+                    "search.workers_reason": workers.reason,
                     "search.space": json.dumps({key: dataclasses.asdict(param) for key, param in cfg.search.space.items()}),
                 }
             )
@@ -173,7 +214,7 @@ def _sweep(cfg: ExperimentConfig, workers: int, promote: bool) -> SweepResult | 
             for worker in others:
                 worker.join()
             torch.set_num_threads(total)  # the plain student runs alone
-            if not promote:
+            if not launcher:
                 return None
             result = _promote_best(cfg, study, run.info.run_id, url, data)
     return result

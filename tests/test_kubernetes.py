@@ -23,6 +23,8 @@ def test_the_worker_job_is_a_valid_indexed_job():
     container = job.spec.template.spec.containers[0]
     secret = next(e for e in container.env if e.name == "PGPASSWORD")
     assert secret.value is None and secret.value_from.secret_key_ref.key == "password"
+    threads = next(e for e in container.env if e.name == "OMP_NUM_THREADS")
+    assert threads.value == container.resources.requests["cpu"]  # threads sized to the pod, not the node
 
 
 def test_the_worker_command_is_one_the_entry_module_accepts(capsys):

@@ -213,9 +213,36 @@ def test_a_study_belongs_to_one_mlflow_store(tmp_path, monkeypatch):
     assert safe_url("postgresql+psycopg2://kd:s3cret@db:5432/optuna") == "postgresql+psycopg2://kd:***@db:5432/optuna"
 
 
-def test_two_local_workers_share_the_study_and_register_once(with_teacher, capsys):
-    # Trials of 3 epochs, so the second process (which first loads PyTorch and the data) finds some left.
-    result = run_sweep(config("n_trials=8", "search.workers=2", "pruner=none", "search.space.distill.train.epochs.low=3"))
+@pytest.mark.parametrize(
+    ("requested", "cuda", "threads", "expected"),
+    [
+        (None, False, 2, (2, 1, "auto")),
+        (None, False, 8, (2, 4, "auto")),
+        (None, False, 1, (1, 1, "auto")),
+        (None, True, 8, (1, 8, "auto")),
+        (3, False, 8, (3, 2, "as configured")),
+        (4, False, 2, (4, 1, "as configured")),
+    ],
+)
+def test_workers_null_picks_two_on_a_cpu_with_two_threads_and_one_on_a_gpu(monkeypatch, requested, cuda, threads, expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    workers = sweep.local_workers(requested)
+    assert (workers.count, workers.threads, workers.reason.split(":")[0]) == expected
+
+
+def test_two_local_workers_by_default_share_the_study_and_register_once(with_teacher, monkeypatch, capsys):
+    """``search.workers: null`` (the default; smoke pins 1) on a CPU with 2 threads: two one-thread processes."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the host's count must not decide what this test sees
+    try:
+        # Trials of 3 epochs, so the second process (which first loads PyTorch and the data) finds some left.
+        result = run_sweep(config("n_trials=8", "search.workers=null", "pruner=none", "search.space.distill.train.epochs.low=3"))
+        assert torch.get_num_threads() == 2  # given back after the sweep
+    finally:
+        torch.set_num_threads(threads)
+    assert "sweep: workers 2 x threads 1 (auto: 2 CPU threads;" in capsys.readouterr().out
     done = [t for t in trials("smoke-sweep") if t.state == TrialState.COMPLETE]
     assert result.finished == 8 and len(done) == 8
     assert len({t.user_attrs["worker"] for t in done}) == 2, "both processes ran trials"
@@ -224,8 +251,18 @@ def test_two_local_workers_share_the_study_and_register_once(with_teacher, capsy
     assert all(r.info.status == "FINISHED" for r in runs)
     sweeps = [r for r in runs if r.data.tags.get("kd.role") == "sweep"]
     assert len(sweeps) == 2 and sum("mlflow.parentRunId" not in r.data.tags for r in sweeps) == 1  # one tree
+    for run in sweeps:
+        params = run.data.params
+        assert (params["search.workers"], params["search.local_workers"], params["search.threads_per_worker"]) == ("None", "2", "1")
+    assert {r.data.params["search.seed"] for r in sweeps} == {"0", str(sweep.worker_seed(0, 1))}
     (version,) = client.search_model_versions("name = 'smoke-student'")
     assert version.run_id == max(done, key=lambda t: t.value).user_attrs["mlflow_run_id"]
+
+
+def test_local_workers_never_take_the_seed_of_another_machines_sweep():
+    """Machines seeded 0..9, each with 4 local workers: 40 sampler seeds, all different."""
+    seeds = [seed if index == 0 else sweep.worker_seed(seed, index) for seed in range(10) for index in range(4)]
+    assert len(set(seeds)) == len(seeds) and max(seeds) < 2**31
 
 
 def test_a_worker_with_no_place_left_waits_for_the_running_trial_and_takes_its_retry(with_teacher, monkeypatch, capsys):
