@@ -121,8 +121,9 @@ class Workers:
     reason: str
 
 
-def local_workers(requested: int | None) -> Workers:
-    """``search.workers`` on this machine; null picks 2 on a CPU with 2 or more threads, else 1.
+def local_workers(requested: int | None, left: int) -> Workers:
+    """``search.workers`` on this machine, with ``left`` trials still to run; null picks 2 on a CPU with
+    2 or more threads, else 1, and 1 for a last trial (a second process would only wait, holding threads).
 
     Two one-thread trials at once finished 1.23x the trials of one two-thread sweep on a 2-core host
     (README, "Several workers on one machine"): the small students' matrices leave a second thread
@@ -134,6 +135,8 @@ def local_workers(requested: int | None) -> Workers:
         count, reason = 1, "auto: one trial at a time on the GPU"
     elif total < 2:
         count, reason = 1, "auto: one CPU thread"
+    elif left < 2:
+        count, reason = 1, "auto: fewer than 2 trials left to run"
     else:
         count, reason = 2, f"auto: {total} CPU threads; two trials at once finish more per hour than one with all threads"
     return Workers(count, max(1, total // count), reason)
@@ -144,11 +147,9 @@ def run_sweep(cfg: ExperimentConfig) -> SweepResult:
     share the study, the CPU threads split evenly between them. This process is one of them, waits
     for the others, and alone registers the best trial and moves the champion."""
     space.validate(cfg)
-    workers = local_workers(cfg.search.workers)
-    print(f"sweep: workers {workers.count} x threads {workers.threads} ({workers.reason})", flush=True)
     threads = torch.get_num_threads()
     try:
-        return _sweep(cfg, workers, launcher=True)
+        return _sweep(cfg, None)
     finally:
         torch.set_num_threads(threads)
 
@@ -173,12 +174,14 @@ def _local_worker(cfg: ExperimentConfig, workers: Workers) -> None:
     # Its own sweep run under the study's root: the launcher's run belongs to the first process.
     os.environ.pop(tracking.LAUNCHER_RUN, None)
     torch.set_num_threads(workers.threads)
-    _sweep(cfg, workers, launcher=False)
+    _sweep(cfg, workers)
 
 
-def _sweep(cfg: ExperimentConfig, workers: Workers, launcher: bool) -> SweepResult | None:
-    """One worker's part of the sweep. The launcher starts the others once the study and its root run
-    exist, waits for them, and alone registers the best trial."""
+def _sweep(cfg: ExperimentConfig, workers: Workers | None) -> SweepResult | None:
+    """One worker's part of the sweep. The launcher (``workers`` None) picks the local workers once the
+    study is open, starts the others once its root run exists, waits for them, and alone registers the
+    best trial; a local worker gets the launcher's pick."""
+    launcher = workers is None
     storage, url = make_storage(cfg.search.storage)
     name = study_name(cfg)
     with tempfile.TemporaryDirectory(prefix="kd-sweep-") as tmp:
@@ -187,6 +190,9 @@ def _sweep(cfg: ExperimentConfig, workers: Workers, launcher: bool) -> SweepResu
         check_store(study)
         # Reseed on resume: a resumed or second worker must not replay the first worker's draws.
         study.sampler = optuna.samplers.TPESampler(seed=cfg.search.seed + len(study.trials))
+        if launcher:
+            workers = local_workers(cfg.search.workers, cfg.search.n_trials - finished(study))
+            print(f"sweep: workers {workers.count} x threads {workers.threads} ({workers.reason})", flush=True)
         objective = Objective(cfg, data, name)
         progress = _Progress(objective)
         with tracking.job_run(cfg.name, registry.Role.SWEEP, {"optuna.study": name, "optuna.storage": url}) as run:

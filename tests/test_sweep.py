@@ -214,20 +214,21 @@ def test_a_study_belongs_to_one_mlflow_store(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    ("requested", "cuda", "threads", "expected"),
+    ("requested", "cuda", "threads", "left", "expected"),
     [
-        (None, False, 2, (2, 1, "auto")),
-        (None, False, 8, (2, 4, "auto")),
-        (None, False, 1, (1, 1, "auto")),
-        (None, True, 8, (1, 8, "auto")),
-        (3, False, 8, (3, 2, "as configured")),
-        (4, False, 2, (4, 1, "as configured")),
+        (None, False, 2, 30, (2, 1, "auto")),
+        (None, False, 8, 2, (2, 4, "auto")),
+        (None, False, 8, 1, (1, 8, "auto")),  # a last trial: a second process would only wait
+        (None, False, 1, 30, (1, 1, "auto")),
+        (None, True, 8, 30, (1, 8, "auto")),
+        (3, False, 8, 30, (3, 2, "as configured")),
+        (4, False, 2, 1, (4, 1, "as configured")),
     ],
 )
-def test_workers_null_picks_two_on_a_cpu_with_two_threads_and_one_on_a_gpu(monkeypatch, requested, cuda, threads, expected):
+def test_workers_null_picks_two_on_a_cpu_with_two_threads_and_one_on_a_gpu(monkeypatch, requested, cuda, threads, left, expected):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
-    workers = sweep.local_workers(requested)
+    workers = sweep.local_workers(requested, left)
     assert (workers.count, workers.threads, workers.reason.split(":")[0]) == expected
 
 
