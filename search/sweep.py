@@ -125,7 +125,7 @@ def local_workers(requested: int | None, left: int) -> Workers:
     """``search.workers`` on this machine, with ``left`` trials still to run; null picks 2 on a CPU with
     2 or more threads, else 1, and 1 for a last trial (a second process would only wait, holding threads).
 
-    Two one-thread trials at once finished 1.23x the trials of one two-thread sweep on a 2-core host
+    Two one-thread trials at once finish more trials per hour than one two-thread trial on a 2-core host
     (README, "Several workers on one machine"): the small students' matrices leave a second thread
     little to do. On a GPU several trials per device are unmeasured, so null keeps one there."""
     total = torch.get_num_threads()
@@ -143,9 +143,9 @@ def local_workers(requested: int | None, left: int) -> Workers:
 
 
 def run_sweep(cfg: ExperimentConfig) -> SweepResult:
-    """The sweep; with more than one of ``search.workers``, that many trial processes on this machine
-    share the study, the CPU threads split evenly between them. This process is one of them, waits
-    for the others, and alone registers the best trial and moves the champion."""
+    """The sweep: ``local_workers`` trial processes on this machine share the study, the CPU threads
+    split evenly between them. This process is one of them, waits for the others, and alone registers
+    the best trial and moves the champion."""
     space.validate(cfg)
     threads = torch.get_num_threads()
     try:
