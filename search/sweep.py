@@ -173,6 +173,7 @@ def _start_local_worker(cfg: ExperimentConfig, index: int, workers: Workers) -> 
 def _local_worker(cfg: ExperimentConfig, workers: Workers) -> None:
     # Its own sweep run under the study's root: the launcher's run belongs to the first process.
     os.environ.pop(tracking.LAUNCHER_RUN, None)
+    # Set before `_sweep` sets it again: its data preparation runs beside the launcher's first trial.
     torch.set_num_threads(workers.threads)
     _sweep(cfg, workers)
 
