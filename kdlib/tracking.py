@@ -201,13 +201,6 @@ def metric_history(run_id: str, key: str) -> dict[int, float]:
     return {m.step: m.value for m in MlflowClient().get_metric_history(run_id, key)}
 
 
-def child_runs(parent_run_id: str, role: str) -> list:
-    """Runs nested directly under ``parent_run_id`` with ``kd.role`` = ``role``."""
-    client = MlflowClient()
-    experiment = client.get_run(parent_run_id).info.experiment_id
-    return client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.`{ROLE_TAG}` = '{role}'")
-
-
 def find_runs(experiment: str, filter_string: str) -> list:
     """Runs this project logged for ``experiment`` (in any MLflow experiment) that match a filter, newest first."""
     client = MlflowClient()

@@ -29,7 +29,7 @@ from kdlib.errors import KDError
 from kdlib.inference import batch1_times, footprint, load_backend, sentence_stream
 from kdlib.registry import EVAL_METRIC, METRIC
 from search.baseline import GAIN
-from search.study import EVAL_ATTR, MODEL_ATTR, ROOT_ATTR, RUN_ATTR, load_study
+from search.study import EVAL_ATTR, MODEL_ATTR, ROOT_ATTR, RUN_ATTR, STUDY_TAG, load_study
 
 ARTIFACT_DIR = "report"
 CONTOUR = ("distill.temperature", "distill.alpha")
@@ -70,7 +70,7 @@ def _plain_student(cfg: ExperimentConfig, study_name: str):
     """This sweep's plain student, else the newest student trained on hard labels only (distill.alpha = 0), or None."""
     finished = "attributes.status = 'FINISHED'"
     ours = tracking.find_runs(
-        cfg.name, f"{finished} and tags.`{tracking.ROLE_TAG}` = '{registry.Role.PLAIN_STUDENT}' and tags.`optuna.study` = '{study_name}'"
+        cfg.name, f"{finished} and tags.`{tracking.ROLE_TAG}` = '{registry.Role.PLAIN_STUDENT}' and tags.`{STUDY_TAG}` = '{study_name}'"
     )
     if ours:
         return ours[0]
@@ -248,7 +248,7 @@ SECTIONS = {
 def sweep_gain(cfg: ExperimentConfig, study_name: str) -> dict[str, float] | None:
     """The distillation gain the sweep logged (the newest, if it was resumed), or None."""
     runs = tracking.find_runs(
-        cfg.name, f"tags.`{tracking.ROLE_TAG}` = '{registry.Role.SWEEP}' and tags.`optuna.study` = '{study_name}' and metrics.`{GAIN}` > -2"
+        cfg.name, f"tags.`{tracking.ROLE_TAG}` = '{registry.Role.SWEEP}' and tags.`{STUDY_TAG}` = '{study_name}' and metrics.`{GAIN}` > -2"
     )
     return dict(runs[0].data.metrics) if runs else None
 

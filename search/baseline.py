@@ -18,7 +18,7 @@ from kdlib.config import ExperimentConfig
 from kdlib.configure import replace
 from kdlib.metrics import PairedGain, paired_gain
 from kdlib.student import EVAL_LOGITS, StudentData, log_student_run
-from search.study import RUN_ATTR
+from search.study import RUN_ATTR, STUDY_TAG
 
 GAIN = "distillation_gain"
 BASELINE_TAG = "kd.baseline_of_trial"  # on the plain student's run: the trial it is the plain twin of
@@ -38,7 +38,7 @@ def _existing(cfg: ExperimentConfig, study_name: str, trial: int) -> str | None:
     """A finished plain twin of this trial (a resumed sweep whose best trial did not change)."""
     runs = tracking.find_runs(
         cfg.name,
-        f"tags.`{tracking.ROLE_TAG}` = '{registry.Role.PLAIN_STUDENT}' and tags.`optuna.study` = '{study_name}' "
+        f"tags.`{tracking.ROLE_TAG}` = '{registry.Role.PLAIN_STUDENT}' and tags.`{STUDY_TAG}` = '{study_name}' "
         f"and tags.`{BASELINE_TAG}` = '{trial}' and attributes.status = 'FINISHED'",
     )
     return runs[0].info.run_id if runs else None
@@ -48,7 +48,7 @@ def measure(cfg: ExperimentConfig, data: StudentData, study_name: str, best: Fro
     """Train (or find) the best trial's plain twin in a run under the active sweep run; log the gain on the sweep run."""
     run_id = _existing(cfg, study_name, best.number)
     if run_id is None:
-        tags = {"optuna.study": study_name, BASELINE_TAG: str(best.number)}
+        tags = {STUDY_TAG: study_name, BASELINE_TAG: str(best.number)}
         with tracking.child_run(f"plain-student of trial-{best.number}", registry.Role.PLAIN_STUDENT, tags):
             run_id = log_student_run(replace(cfg, {**best.params, **PLAIN}), data, label="plain student: ").run_id
     metrics = tracking.get_run(run_id).data.metrics

@@ -9,7 +9,7 @@ from kdlib.config import ExperimentConfig
 from kdlib.configure import replace
 from kdlib.student import StudentData, log_student_run
 from search.space import suggest
-from search.study import COUNTED, EVAL_ATTR, MODEL_ATTR, RUN_ATTR, WORKER_ATTR, WORKER_RUN_ATTR, worker_id
+from search.study import COUNTED, EVAL_ATTR, MODEL_ATTR, RUN_ATTR, STUDY_TAG, TRIAL_TAG, WORKER_ATTR, WORKER_RUN_ATTR, worker_id
 
 # Short names of searched settings in run names and log lines: trial-3 T=5.2 a=0.72 lr=4.4e-05 ep=2.
 SHORT = {
@@ -52,7 +52,7 @@ class Objective:
             f"{SHORT.get(key, key.rpartition('.')[2])}={f'{value:.2g}' if isinstance(value, float) else value}" for key, value in params.items()
         )
         print(f"trial {place}/{self.cfg.search.n_trials} (Optuna trial {trial.number}) started: {settings}", flush=True)
-        tags = {"optuna.study": self.study_name, "optuna.trial": str(trial.number)}
+        tags = {STUDY_TAG: self.study_name, TRIAL_TAG: str(trial.number)}
         # Recorded so a later worker can close both runs if this process dies mid-trial.
         trial.set_user_attr(WORKER_RUN_ATTR, tracking.active_run_id())
         trial.set_user_attr(WORKER_ATTR, worker_id())

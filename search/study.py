@@ -19,10 +19,12 @@ import optuna
 from optuna.storages import RetryFailedTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
-from kdlib import tracking
+from kdlib import registry, tracking
 from kdlib.config import ExperimentConfig
 from kdlib.errors import KDError
 
+# Tags on the MLflow runs of a study (its workers' sweep runs, its trials, its plain student): the study, the trial.
+STUDY_TAG, TRIAL_TAG = "optuna.study", "optuna.trial"
 ROOT_ATTR = "mlflow_sweep_run_id"  # study attribute: the sweep's first MLflow run, root of its tree
 STORE_ATTR = "mlflow_tracking_uri"  # study attribute: the MLflow store its runs and models live in
 JOURNAL = "optuna-journal"
@@ -38,6 +40,12 @@ COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialStat
 
 def study_name(cfg: ExperimentConfig) -> str:
     return cfg.search.study_name or f"{cfg.name}-sweep"
+
+
+def trial_runs(experiment: str, study_name: str) -> list:
+    """The MLflow runs of the study's trials, whichever worker ran them: each worker's trials nest
+    under its own sweep run, so the children of one sweep run are one worker's share."""
+    return tracking.find_runs(experiment, f"tags.`{tracking.ROLE_TAG}` = '{registry.Role.TRIAL}' and tags.`{STUDY_TAG}` = '{study_name}'")
 
 
 def worker_id() -> str:

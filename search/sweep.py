@@ -32,6 +32,8 @@ from search.study import (
     MODEL_ATTR,
     ROOT_ATTR,
     RUN_ATTR,
+    STUDY_TAG,
+    TRIAL_TAG,
     check_store,
     finished,
     has_room,
@@ -196,7 +198,7 @@ def _sweep(cfg: ExperimentConfig, workers: Workers | None) -> SweepResult | None
             print(f"sweep: workers {workers.count} x threads {workers.threads} ({workers.reason})", flush=True)
         objective = Objective(cfg, data, name)
         progress = _Progress(objective)
-        with tracking.job_run(cfg.name, registry.Role.SWEEP, {"optuna.study": name, "optuna.storage": url}) as run:
+        with tracking.job_run(cfg.name, registry.Role.SWEEP, {STUDY_TAG: name, "optuna.storage": url}) as run:
             _attach_to_root(study, run.info.run_id)
             register_worker(study, run.info.run_id)
             total = torch.get_num_threads()
@@ -258,7 +260,7 @@ def _promote_best(cfg: ExperimentConfig, study: optuna.Study, run_id: str, url: 
         return SweepResult(study.study_name, url, run_id, done, None, None, {}, None, False, None)
     best = study.best_trial
     evaluated = best.user_attrs[EVAL_ATTR]
-    settings = {"optuna.study": study.study_name, "optuna.trial": best.number, **best.params}
+    settings = {STUDY_TAG: study.study_name, TRIAL_TAG: best.number, **best.params}
     version, promoted = registry.register_and_promote(
         best.user_attrs[MODEL_ATTR],
         registry.student_model_name(cfg),

@@ -21,7 +21,8 @@ from kdlib.distill import run_distill
 from kdlib.errors import KDError
 from kdlib.teacher import run_teacher
 from search import space, sweep
-from search.study import default_storage, make_storage
+from search.benchmarks.bench import trial_throughput
+from search.study import default_storage, make_storage, trial_runs
 from search.sweep import run_sweep
 from tests.conftest import SMOKE, in_store, mlflow_run
 
@@ -258,6 +259,12 @@ def test_two_local_workers_by_default_share_the_study_and_register_once(with_tea
     assert {r.data.params["search.seed"] for r in sweeps} == {"0", str(sweep.worker_seed(0, 1))}
     (version,) = client.search_model_versions("name = 'smoke-student'")
     assert version.run_id == max(done, key=lambda t: t.value).user_attrs["mlflow_run_id"]
+    # Every trial's run is found from the study, not only the launcher's, and the bench counts each one's epochs.
+    found = trial_runs("smoke", "smoke-sweep")
+    assert sorted(int(r.data.tags["optuna.trial"]) for r in found) == sorted(t.number for t in done)
+    assert {r.data.tags["mlflow.parentRunId"] for r in found} == {r.info.run_id for r in sweeps}
+    examples, seconds, _ = trial_throughput("smoke", "smoke-sweep")
+    assert examples == pytest.approx(sum(3 * int(r.data.params["n_train"]) for r in found), rel=1e-6) and seconds > 0
 
 
 def test_local_workers_never_take_the_seed_of_another_machines_sweep():
@@ -327,7 +334,7 @@ def test_the_sweep_ends_with_its_plain_student_and_the_distillation_gain(in_swep
     # The bench counts the set all trials shared once: its copies, no unlabelled sentences, its time.
     from search.benchmarks.bench import transfer_cost
 
-    seconds, copies, unlabelled = transfer_cost(sweep.info.run_id)
+    seconds, copies, unlabelled = transfer_cost(sweep.data.tags["kd.experiment"], sweep.data.tags["optuna.study"])
     assert (copies, unlabelled) == (int(best.data.params["transfer.copies"]), 0) and copies > 0
     assert seconds == pytest.approx(float(best.data.params["transfer.augment_seconds"]) + float(best.data.params["transfer.label_seconds"]))
 

@@ -14,20 +14,21 @@ from pathlib import Path
 
 import torch
 
-from kdlib import precision, registry, tracking
+from kdlib import precision, tracking
 from kdlib.config import ExperimentConfig
+from search.study import trial_runs
 
 OUT = Path("outputs") / "bench"
 
 
-def trial_throughput(sweep_run_id: str) -> tuple[float, float, float]:
-    """(training examples, training seconds, training FLOPs) summed over the sweep's trial runs.
+def trial_throughput(experiment: str, study_name: str) -> tuple[float, float, float]:
+    """(training examples, training seconds, training FLOPs) summed over the study's trial runs.
 
     FLOPs count 6 per non-embedding parameter per token (forward and backward) over each epoch a
     trial ran, with that trial's own tokens (a transfer set multiplies them).
     """
     examples, seconds, flops = 0.0, 0.0, 0.0
-    for run in tracking.child_runs(sweep_run_id, registry.Role.TRIAL):
+    for run in trial_runs(experiment, study_name):
         params = run.data.params
         per_epoch = 6 * int(params["non_embedding_parameters"]) * int(params["train_tokens"])
         rates = tracking.metric_history(run.info.run_id, "train_examples_per_s")
@@ -38,11 +39,11 @@ def trial_throughput(sweep_run_id: str) -> tuple[float, float, float]:
     return examples, seconds, flops
 
 
-def transfer_cost(sweep_run_id: str) -> tuple[float, int, int]:
-    """The transfer sets the sweep's trials used, each set once: seconds spent making and labelling
+def transfer_cost(experiment: str, study_name: str) -> tuple[float, int, int]:
+    """The transfer sets the study's trials used, each set once: seconds spent making and labelling
     them, their augmented copies and their unlabelled sentences."""
     sets = {}
-    for run in tracking.child_runs(sweep_run_id, registry.Role.TRIAL):
+    for run in trial_runs(experiment, study_name):
         params = run.data.params
         if "transfer.digest" in params:
             seconds = float(params["transfer.augment_seconds"]) + float(params["transfer.label_seconds"])
@@ -52,10 +53,10 @@ def transfer_cost(sweep_run_id: str) -> tuple[float, int, int]:
 
 def summarize(cfg: ExperimentConfig, peaks: dict[str, float], wall_s: dict[str, float], teacher, sweep) -> dict:
     """The bench's figures from the teacher and sweep jobs' results."""
-    examples, seconds, flops = trial_throughput(sweep.run_id)
+    examples, seconds, flops = trial_throughput(cfg.name, sweep.study_name)
     plain = sweep.baseline
     student = tracking.get_run(plain.run_id).data.params  # what every student logs about its data and size
-    labelling, copies, unlabelled = transfer_cost(sweep.run_id)
+    labelling, copies, unlabelled = transfer_cost(cfg.name, sweep.study_name)
     achieved = flops / seconds if seconds else 0.0
     epochs_range = cfg.search.space.get("distill.train.epochs")
     results = {

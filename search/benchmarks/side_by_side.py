@@ -28,6 +28,7 @@ from kdlib.errors import KDError
 from kdlib.teacher import run_teacher
 from search.benchmarks import trainer_recipe
 from search.benchmarks.bench import OUT
+from search.study import TRIAL_TAG, trial_runs
 from search.sweep import run_sweep
 
 DEFAULT_EXPERIMENT = "experiments/sst2-minilm.yaml"
@@ -58,6 +59,7 @@ def compare(cfg: ExperimentConfig) -> dict:
     recipe = trainer_recipe.run_recipe(cfg, str(teacher.version))
     recipe_s = time.perf_counter() - started
     best = recipe.best_trial
+    trials = trial_runs(cfg.name, sweep.study_name)  # every local worker's, not only the launcher's
     results = {
         "experiment": cfg.name,
         "n_trials": cfg.search.n_trials,
@@ -69,13 +71,12 @@ def compare(cfg: ExperimentConfig) -> dict:
             "wall_s": sweep_s + logits_s,
             "sweep_s": sweep_s,
             "teacher_logits_s": logits_s,
-            "finished": sum(registry.EVAL_METRIC in run.data.metrics for run in tracking.child_runs(sweep.run_id, registry.Role.TRIAL)),
+            "finished": sum(registry.EVAL_METRIC in run.data.metrics for run in trials),
             "best_val_accuracy": sweep.best_value,
             "best_eval_accuracy": sweep.best_eval_accuracy,
             "best_params": sweep.best_params,
             "trials": {
-                run.data.tags["optuna.trial"]: [run.data.metrics.get(registry.METRIC), run.data.metrics.get(registry.EVAL_METRIC)]
-                for run in tracking.child_runs(sweep.run_id, registry.Role.TRIAL)
+                run.data.tags[TRIAL_TAG]: [run.data.metrics.get(registry.METRIC), run.data.metrics.get(registry.EVAL_METRIC)] for run in trials
             },
         },
         "trainer_recipe": {
