@@ -102,10 +102,15 @@ def all_runs():
 
 def trials_of(optuna_url: str, study_name: str) -> list:
     """The study's trials; none while no worker has created the study yet."""
+    # Polled several times a second: each poll's connections are closed here, not when the garbage
+    # collector gets to them, or they pile up past PostgreSQL's max_connections while workers start.
+    storage = optuna.storages.RDBStorage(optuna_url)
     try:
-        return optuna.load_study(study_name=study_name, storage=optuna_url).get_trials()
+        return optuna.load_study(study_name=study_name, storage=storage).get_trials()
     except KeyError:
         return []
+    finally:
+        storage.engine.dispose()
 
 
 def kill_mid_trial(victim: subprocess.Popen, optuna_url: str, study_name: str, rng: random.Random) -> int:
