@@ -8,6 +8,7 @@ process on this host; either way the trial's MLflow run is marked FAILED and the
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 import socket
@@ -104,7 +105,12 @@ def _mark_run_failed(trial: FrozenTrial) -> None:
 
 def _retry(study: optuna.Study, trial: FrozenTrial) -> None:
     _mark_run_failed(trial)
-    RetryFailedTrialCallback(max_retry=1)(study, trial)
+    # The retry is a new attempt with the same settings. Optuna would copy the failed trial's user
+    # attributes into it: its dead worker's id, its runs and model. A worker that took the retry would
+    # then look dead to every other worker until it recorded itself, and be failed mid-start.
+    attempt = copy.copy(trial)
+    attempt.user_attrs = {}
+    RetryFailedTrialCallback(max_retry=1)(study, attempt)
 
 
 def make_pruner(cfg: ExperimentConfig) -> optuna.pruners.BasePruner:

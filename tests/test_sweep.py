@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import math
 import shutil
+import socket
+import subprocess
+import sys
 
 import mlflow
 import numpy as np
@@ -22,7 +25,7 @@ from kdlib.errors import KDError
 from kdlib.teacher import run_teacher
 from search import space, sweep
 from search.benchmarks.bench import trial_throughput
-from search.study import default_storage, make_storage, trial_runs
+from search.study import WORKER_ATTR, default_storage, make_storage, recover_dead_local_trials, trial_runs
 from search.sweep import run_sweep
 from tests.conftest import SMOKE, in_store, mlflow_run
 
@@ -293,6 +296,21 @@ def test_a_worker_with_no_place_left_waits_for_the_running_trial_and_takes_its_r
     (done,) = [t for t in trials("smoke-sweep") if t.state == TrialState.COMPLETE]
     assert RetryFailedTrialCallback.retried_trial_number(done) == other.number
     assert result.finished == 1 and result.version is not None
+
+
+def test_a_retry_taken_by_a_live_worker_is_not_failed_for_its_dead_predecessor(tmp_path):
+    """The retry of a dead worker's trial must not carry that worker's id: the live worker that takes it
+    would otherwise be failed by another worker's look for dead local processes before it records itself."""
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    study = optuna.create_study(storage=make_storage(str(tmp_path / "journal.log"))[0], direction="maximize")
+    dead = study.ask()
+    dead.set_user_attr(WORKER_ATTR, f"{socket.gethostname()}:{gone.stdout.strip()}")
+    assert recover_dead_local_trials(study) == [dead.number]
+    taken = study.ask()  # a live worker takes the retry and has not recorded itself yet
+    assert recover_dead_local_trials(study) == []
+    (running,) = study.get_trials(states=(TrialState.RUNNING,))
+    assert running.number == taken.number and RetryFailedTrialCallback.retried_trial_number(running) == dead.number
+    assert running.user_attrs == {}
 
 
 def test_the_sweep_ends_with_its_plain_student_and_the_distillation_gain(in_swept):
