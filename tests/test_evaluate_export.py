@@ -8,18 +8,19 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import onnx
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 from transformers import BertConfig, BertForMaskedLM
 
-from kdlib import tracking
+from kdlib import registry, tracking
 from kdlib.data import load_split
 from kdlib.errors import KDError
 from kdlib.evaluate import run_evaluate
 from kdlib.export import run_export
 from kdlib.models import train_wordpiece
-from kdlib.serving import HF_MODEL
+from kdlib.serving import HF_MODEL, ONNX_FILE
 from tests.conftest import in_store, mlflow_run, swept_config
 
 STUDENT = "models:/smoke-student@champion"
@@ -75,8 +76,12 @@ def test_export_reproduces_pytorch_and_serves_raw_strings(in_swept, exported):
     assert exported.max_abs_diff <= 1e-4
     assert exported.accuracy["fp32"] == exported.accuracy["pytorch"] == exported.accuracy["optimized"]
     assert abs(exported.accuracy["int8"] - exported.accuracy["fp32"]) <= 0.05
-    # ONNX Runtime's fusions took hold of the BERT graph: attention, LayerNorms, GELU.
-    assert {"Attention", "SkipLayerNormalization", "BiasGelu"} <= set(exported.fused), exported.fused
+    # ONNX Runtime's fusions took hold of the BERT graph: attention, LayerNorms, GELU; residual adds stay apart.
+    assert {"Attention", "LayerNormalization", "BiasGelu"} <= set(exported.fused), exported.fused
+    assert "SkipLayerNormalization" not in exported.fused
+    with tempfile.TemporaryDirectory() as tmp:
+        graph = onnx.load(str(Path(registry.fetch_model(exported.model_uris["fp32"], tmp).folder) / ONNX_FILE)).graph
+    assert "GatherElements" not in {node.op_type for node in graph.node}  # token type ids passed in, not gathered from BERT's buffer
     texts = load_split(swept_config().data, "validation", 200).texts
     assert (labels_from_pyfunc(exported.model_uris["fp32"], texts) == labels_from_pyfunc(STUDENT, texts)).all()
     assert (labels_from_pyfunc(exported.model_uris["optimized"], texts) == labels_from_pyfunc(STUDENT, texts)).all()
