@@ -1,12 +1,27 @@
-"""The PyTorch serving backend: a sentence gets the same logits alone as inside a padded batch."""
+"""Serving: the tokenization every backend shares, and the PyTorch backend's logits alone and in a padded batch."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from kdlib.serving import TorchBackend
+from kdlib.serving import Tokenize, TorchBackend
 from tests.helpers import demo_splits, tiny_classifier
+
+
+def test_tokenize_gives_the_ids_and_mask_of_the_transformers_call(tmp_path):
+    splits = demo_splits(max_train=300, max_eval=40)
+    tokenizer = tiny_classifier(splits.train.texts).tokenizer
+    tokenizer.save_pretrained(tmp_path)
+    texts = splits.eval.texts[:16] + [" ".join(splits.train.texts[:20])]  # the last is longer than max_length
+    tokenize = Tokenize(tmp_path, max_length=24)
+    for batch in ([texts[0]], texts):
+        expected = tokenizer(batch, padding=True, truncation=True, max_length=24, return_tensors="np")
+        ids, mask = tokenize(batch)
+        assert ids.dtype == mask.dtype == np.int64
+        np.testing.assert_array_equal(ids, expected["input_ids"])
+        np.testing.assert_array_equal(mask, expected["attention_mask"])
+    assert ids.shape == (17, 24) and not mask.all()  # cut at max_length, and the short ones padded
 
 
 def test_logits_do_not_depend_on_batching_or_padding(tmp_path):
@@ -21,7 +36,7 @@ def test_logits_do_not_depend_on_batching_or_padding(tmp_path):
     alone = np.concatenate([backend.logits([text]) for text in texts])
     assert batched.shape == (8, 2) and np.abs(batched - alone).max() < 1e-5
     # The check can fail: the short sentence's logits do change when its padding is not masked.
-    padded = backend.tokenizer(texts, padding=True, return_tensors="pt")
+    padded, _ = backend.tokenize(texts)
     with torch.inference_mode():
-        unmasked = backend.model(input_ids=padded["input_ids"]).logits.numpy()
+        unmasked = backend.model(input_ids=torch.from_numpy(padded)).logits.numpy()
     assert np.abs(unmasked[0] - alone[0]).max() > 100 * np.abs(batched - alone).max()
