@@ -21,7 +21,8 @@ from kdlib.evaluate import run_evaluate
 from kdlib.export import run_export
 from kdlib.models import train_wordpiece
 from kdlib.serving import HF_MODEL, ONNX_FILE
-from tests.conftest import in_store, mlflow_run, swept_config
+from search.benchmarks import serve_latency
+from tests.conftest import SMOKE, in_store, mlflow_run, swept_config
 
 STUDENT = "models:/smoke-student@champion"
 TEACHER = "models:/smoke-teacher@champion"
@@ -185,3 +186,21 @@ def test_mlflow_run_export_and_evaluate_as_documented(in_swept):
         f"error: model_uri 'models:/nope@champion' not found in the MLflow store {mlflow.get_tracking_uri()}: "
         "Registered Model with name=nope not found; expected models:/<name>@<alias>, models:/<name>/<version> or runs:/<run id>/<model name>"
     ]
+
+
+def test_serve_latency_gives_each_model_every_sentence_in_turn(in_swept, exported, monkeypatch, capsys):
+    seen = []
+    timed = serve_latency.batch1_times
+
+    def spy(backend, pick, start, calls):
+        seen.append((type(backend).__name__, start, calls))
+        return timed(backend, pick, start, calls)
+
+    monkeypatch.setattr(serve_latency, "batch1_times", spy)
+    int8 = exported.model_uris["int8"]
+    serve_latency.main(["--experiment", str(SMOKE), "--calls", "5", "--warmup", "2", "--block", "2", STUDENT, int8])
+    turns = [(name, start, calls) for start, n in ((0, 2), (2, 2), (4, 1)) for name in ("TorchBackend", "OrtBackend") for calls in (1, n)]
+    assert seen == [("TorchBackend", 0, 2), ("OrtBackend", 0, 2), *turns]
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith(("| models:", "| runs:"))]
+    assert [row[0][2:] for row in rows] == [STUDENT, int8] and rows[0][3] == "1.00 |"
+    assert all(float(row[1]) > 0 for row in rows)
