@@ -30,7 +30,7 @@ HF_MODEL, ONNX_MODEL = "hf_model", "onnx_model"  # artifact keys
 ONNX_FILE = "model.onnx"
 # ONNX Runtime's SkipLayerNormalization (residual add and LayerNorm in one kernel) took 66 us on one
 # 25 x 384 activation where LayerNormalization alone took 11 (Intel Xeon with AMX, onnxruntime 1.32);
-# apart, a batch-1 call of the int8 sst2-minilm student took 13% less time. The export leaves them
+# apart, a batch-1 call of the int8 sst2-minilm student took 15% less time. The export leaves them
 # apart, and the session must not fuse them again.
 UNFUSED = ["SkipLayerNormFusion"]
 
