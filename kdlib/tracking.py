@@ -25,6 +25,7 @@ from mlflow.types import ColSpec, Schema
 
 from kdlib.configure import flatten
 from kdlib.data import Splits
+from kdlib.errors import KDError
 from kdlib.models import Classifier
 from kdlib.serving import HF_MODEL, label_names
 
@@ -232,7 +233,14 @@ def log_folder_to(run_id: str, local: Path, artifact_path: str) -> None:
 
 
 def download_run_artifact(run_id: str, path: str, dst: str) -> Path:
-    return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=dst))
+    try:
+        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=dst))
+    except mlflow.exceptions.MlflowException as exc:
+        root = MlflowClient().get_run(run_id).info.artifact_uri
+        raise KDError(
+            f"run {run_id}: its artifact {path!r} cannot be read from {root} ({str(exc).splitlines()[0]}); expected the "
+            "artifacts where the run logged them (a local store's ./mlruns stays in the folder its first run started in)"
+        ) from None
 
 
 def log_files_to(run_id: str, paths: list[Path], artifact_path: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import mlflow
@@ -16,6 +17,7 @@ from kdlib import tracking
 from kdlib.__main__ import main
 from kdlib.configure import build_config, parse_overrides
 from kdlib.data import load_splits
+from kdlib.errors import KDError
 from tests.conftest import SMOKE, mlflow_run, printed_run_id, write_tsv
 
 # Fewer, shorter epochs than the demo: these tests check plumbing, not accuracy.
@@ -198,3 +200,12 @@ def test_bad_input_under_mlflow_run_exits_non_zero_with_one_message(tmp_path):
     client = MlflowClient()
     assert [r.info.status for r in all_runs(client)] == ["FAILED"]  # the launcher's run, marked by mlflow run
     assert client.search_registered_models() == []
+
+
+def test_an_artifact_gone_from_the_store_is_named_in_one_message(tmp_path):
+    with mlflow.start_run() as run:
+        tracking.log_array("logits/eval.npy", np.arange(3))
+    assert tracking.load_array(run.info.run_id, "logits/eval.npy").tolist() == [0, 1, 2]
+    shutil.rmtree(tmp_path / "mlruns")  # the store's artifacts, moved or deleted with the folder they were in
+    with pytest.raises(KDError, match=rf"run {run.info.run_id}: its artifact 'logits/eval.npy' cannot be read from .*mlruns"):
+        tracking.load_array(run.info.run_id, "logits/eval.npy")
