@@ -203,7 +203,7 @@ def test_bad_input_under_mlflow_run_exits_non_zero_with_one_message(tmp_path):
 
 
 def test_an_artifact_gone_from_the_store_is_named_in_one_message(tmp_path):
-    with mlflow.start_run() as run:
+    with mlflow.start_run(experiment_id=mlflow.create_experiment("artifacts")) as run:  # not an earlier test's experiment
         tracking.log_array("logits/eval.npy", np.arange(3))
     assert tracking.load_array(run.info.run_id, "logits/eval.npy").tolist() == [0, 1, 2]
     shutil.rmtree(tmp_path / "mlruns")  # the store's artifacts, moved or deleted with the folder they were in
