@@ -268,6 +268,7 @@ class SearchConfig:
     seed: seed of the TPE sampler (give each worker its own)
     workers: trial processes this command runs on this machine, sharing the study; CPU threads are split between them (null: 2 on a CPU with 2 or more threads and 2 or more trials left to run, else 1)
     plain_baseline: after the trials, train the plain student (alpha 0, no transfer set, the best trial's other settings) and log distillation_gain
+    start_from_config: a new study's first trial runs the experiment's own values of the searched settings (those inside their ranges; the others sampled)
     space: dotted distill.* key -> {low, high, log} or {choices}; an entry narrows the default field by field, null removes it
     """
 
@@ -279,6 +280,7 @@ class SearchConfig:
     seed: int = 0
     workers: int | None = None
     plain_baseline: bool = True
+    start_from_config: bool = True
     space: dict[str, SearchParam] = field(default_factory=_default_space)
 
     def __post_init__(self) -> None:

@@ -59,7 +59,8 @@ class Objective:
 
         def on_epoch_end(epoch: int, metrics: dict[str, float]) -> None:  # after the epoch's metrics are logged
             trial.report(metrics[registry.METRIC], epoch)
-            if trial.should_prune():
+            # After the last epoch there is nothing left to save: pruning would only throw the trained student away.
+            if epoch < trial_cfg.distill.train.epochs and trial.should_prune():
                 tracking.set_tags({"optuna.pruned": "true"})  # it ends FINISHED; the tag tells it apart
                 raise optuna.TrialPruned(f"{registry.METRIC} {metrics[registry.METRIC]:.4f} after epoch {epoch} is below the pruner's bar")
 

@@ -7,7 +7,7 @@ from typing import Any
 import optuna
 
 from kdlib.config import ExperimentConfig
-from kdlib.configure import field_type, replace
+from kdlib.configure import field_type, flatten, replace
 from kdlib.errors import KDError
 
 
@@ -36,3 +36,19 @@ def suggest(trial: optuna.Trial, cfg: ExperimentConfig) -> dict[str, Any]:
         else:
             raise KDError(f"config: search.space.{key} is a {kind} setting; expected choices instead of low/high")
     return params
+
+
+def configured(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The experiment's own values of the searched settings, as the trial would suggest them; a value
+    outside its searched range is left out (the sampler draws it)."""
+    values = flatten(cfg)
+    inside: dict[str, Any] = {}
+    for key, param in cfg.search.space.items():
+        if param.choices:
+            # Choices are kept as typed ("2", "0.5"); the one that reads as the configured value.
+            same = [choice for choice in param.choices if flatten(replace(cfg, {key: choice}))[key] == values[key]]
+            if same:
+                inside[key] = same[0]
+        elif param.low <= values[key] <= param.high:
+            inside[key] = values[key]
+    return inside

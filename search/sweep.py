@@ -37,8 +37,8 @@ from search.study import (
     check_store,
     finished,
     has_room,
-    make_pruner,
     make_storage,
+    open_study,
     recover_dead_local_trials,
     register_worker,
     study_name,
@@ -189,10 +189,13 @@ def _sweep(cfg: ExperimentConfig, workers: Workers | None) -> SweepResult | None
     name = study_name(cfg)
     with tempfile.TemporaryDirectory(prefix="kd-sweep-") as tmp:
         data = prepare(cfg, tmp)
-        study = optuna.create_study(study_name=name, storage=storage, direction="maximize", pruner=make_pruner(cfg), load_if_exists=True)
+        study, created = open_study(cfg, storage)
         check_store(study)
         # Reseed on resume: a resumed or second worker must not replay the first worker's draws.
         study.sampler = optuna.samplers.TPESampler(seed=cfg.search.seed + len(study.trials))
+        start = space.configured(cfg) if created and cfg.search.start_from_config else {}
+        if start:
+            study.enqueue_trial(start)  # by the study's creator alone, so it is queued once
         if launcher:
             workers = local_workers(cfg.search.workers, cfg.search.n_trials - finished(study))
             print(f"sweep: workers {workers.count} x threads {workers.threads} ({workers.reason})", flush=True)

@@ -19,7 +19,7 @@ from optuna.trial import TrialState
 
 from kdlib import student as student_module
 from kdlib.__main__ import JOBS, short_names
-from kdlib.configure import build_config, parse_overrides
+from kdlib.configure import build_config, parse_overrides, replace
 from kdlib.distill import run_distill
 from kdlib.errors import KDError
 from kdlib.teacher import run_teacher
@@ -77,6 +77,20 @@ def test_search_space_validation():
     assert params["distill.train.epochs"] == 2 and isinstance(params["distill.train.epochs"], int)
 
 
+def test_the_first_trial_takes_the_configured_values_that_lie_inside_their_ranges():
+    cfg = config(
+        "distill.temperature=30",  # outside 1..20: sampled
+        "search.space.distill.train.epochs.high=2",  # the smoke student's 3 epochs, outside: sampled
+    )
+    cfg = replace(cfg, {"search.space.distill.alpha": {"choices": ["0.25", "0.50"]}})
+    assert space.configured(cfg) == {"distill.alpha": "0.50", "distill.train.learning_rate": 1e-3}
+    assert space.configured(replace(config(), {"search.space.distill.alpha": {"choices": ["0.25", "0.75"]}})) == {
+        "distill.temperature": 4.0,
+        "distill.train.learning_rate": 1e-3,
+        "distill.train.epochs": 3,
+    }
+
+
 def test_distill_needs_a_teacher_and_matching_logits(with_teacher, tmp_path):
     result, version, promoted = run_distill(config("distill.train.epochs=2"))
     assert promoted and version == "1"
@@ -111,8 +125,8 @@ def test_sweep_tracks_every_trial_prunes_and_registers_the_best(with_teacher):
         )
         if trial.state == TrialState.PRUNED:
             assert run.data.tags["optuna.pruned"] == "true"
-            # It trained no epoch past the one it was pruned after (which may be its last).
-            assert epochs == len(trial.intermediate_values) <= trial.params["distill.train.epochs"]
+            # It trained no epoch past the one it was pruned after, which is never its last.
+            assert epochs == len(trial.intermediate_values) < trial.params["distill.train.epochs"]
             assert models == []  # a pruned trial leaves no half-made model
         else:
             assert epochs == trial.params["distill.train.epochs"]
@@ -132,12 +146,26 @@ def test_sweep_tracks_every_trial_prunes_and_registers_the_best(with_teacher):
     assert np.allclose(predictions[["prob_negative", "prob_positive"]].sum(axis=1), 1.0)
 
 
+def test_a_trial_is_never_pruned_after_its_last_epoch(with_teacher, monkeypatch):
+    """Pruning saves the epochs still to come; after the last one it would only discard a trained student."""
+    monkeypatch.setattr(optuna.trial.Trial, "should_prune", lambda self: True)
+    for epochs, state, trained in ((1, TrialState.COMPLETE, 1), (2, TrialState.PRUNED, 1)):
+        bounds = [f"search.space.distill.train.epochs.low={epochs}", f"search.space.distill.train.epochs.high={epochs}"]
+        run_sweep(config("n_trials=1", f"study_name=epochs-{epochs}", *bounds))
+        (trial,) = trials(f"epochs-{epochs}")
+        assert (trial.state, len(trial.intermediate_values)) == (state, trained)
+
+
 def test_rerun_resumes_and_runs_only_missing_trials(with_teacher):
     first = run_sweep(config("n_trials=2"))
     second = run_sweep(config("n_trials=3"))
     third = run_sweep(config("n_trials=3"))
     numbers = [t.number for t in trials("smoke-sweep")]
     assert numbers == [0, 1, 2]
+    # The new study's first trial ran the experiment's own settings; resuming did not queue them again.
+    assert [t.params == space.configured(config()) for t in trials("smoke-sweep")] == [True, False, False]
+    assert run_sweep(config("n_trials=1", "search.start_from_config=false", "study_name=sampled")).finished == 1
+    assert trials("sampled")[0].params != space.configured(config())
     assert first.finished == 2 and second.finished == 3 and third.finished == 3
     assert len(children(first.run_id)) == 2 and len(children(second.run_id)) == 1 and children(third.run_id) == []
     client = MlflowClient()

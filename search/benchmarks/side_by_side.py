@@ -1,9 +1,10 @@
 """Benchmark: this project's sweep against the Hugging Face Trainer recipe (``search/benchmarks/trainer_recipe.py``).
 
-Same data, teacher, student initialisation, search space, sampler seed (with ``search.workers=1`` the
-same settings, trial for trial; the second local process that the default starts on a CPU draws its
-own), pruner, precision and number of trials; one host, one command, so the speed-up is one ratio of
-two figures measured back to back:
+Same data, teacher, student initialisation, search space, sampler seed (with ``search.workers=1`` and
+``search.start_from_config=false`` the same settings, trial for trial; by default the project's first
+trial runs the configured settings and the second local process on a CPU draws its own), pruner,
+precision and number of trials; one host, one command, so the speed-up is one ratio of two figures
+measured back to back:
 
     python -m search.benchmarks.side_by_side [--experiment FILE] [KEY=VALUE ...]   # default experiments/sst2-minilm.yaml
 
