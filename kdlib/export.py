@@ -72,6 +72,13 @@ class _Logits(torch.nn.Module):
         super().__init__()
         self.model = model
         self.token_types = "token_type_ids" in inspect.signature(model.forward).parameters
+        if model.config.model_type == "bert":
+            # BERT's classifier reads the first token's final state only (its pooler takes token 0), so
+            # the last layer's feed-forward block runs on that token alone. Attention still sees every
+            # token, and the graph before the cut keeps the shape ONNX Runtime's attention fusion matches.
+            last = model.base_model.encoder.layer[-1]
+            whole = last.feed_forward_chunk
+            last.feed_forward_chunk = lambda hidden: whole(hidden[:, :1])
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         token_types = {"token_type_ids": torch.zeros_like(input_ids)} if self.token_types else {}

@@ -50,18 +50,20 @@ def turns(calls: int, warmup: int, block: int) -> list[tuple[int, int]]:
     return [(0, warmup)] + [(start, min(block, calls - start)) for start in range(0, calls, block)]
 
 
-def in_turn(uris: list[str], texts: list[str], calls: int, warmup: int, block: int) -> dict[str, list[float]]:
-    """Seconds of each model's one-sentence calls on the same ``calls`` sentences, the models taking turns every ``block``."""
+def in_turn(uris: list[str], texts: list[str], calls: int, warmup: int, block: int) -> list[list[float]]:
+    """Seconds of each model's one-sentence calls on the same ``calls`` sentences, in the order of
+    ``uris``, the models taking turns every ``block``. A URI given twice is served twice, by two
+    processes: the spread between the two is the host's noise."""
     spawn = multiprocessing.get_context("spawn")
-    pipes = {uri: spawn.Pipe() for uri in uris}
-    workers = [spawn.Process(target=_serve, args=(uri, texts, pipes[uri][1]), daemon=True) for uri in uris]
-    for worker, (_, theirs) in zip(workers, pipes.values(), strict=True):
+    pipes = [spawn.Pipe() for _ in uris]
+    workers = [spawn.Process(target=_serve, args=(uri, texts, theirs), daemon=True) for uri, (_, theirs) in zip(uris, pipes, strict=True)]
+    for worker, (_, theirs) in zip(workers, pipes, strict=True):
         worker.start()
         theirs.close()  # so a worker that dies ends our wait on it
     try:
-        times: dict[str, list[float]] = {uri: [] for uri in uris}
+        times: list[list[float]] = [[] for _ in uris]
         for index, turn in enumerate(turns(calls, warmup, block)):
-            for uri, (ours, _) in pipes.items():
+            for uri, (ours, _), timed_so_far in zip(uris, pipes, times, strict=True):
                 ours.send(turn)
                 try:
                     timed = ours.recv()
@@ -70,8 +72,8 @@ def in_turn(uris: list[str], texts: list[str], calls: int, warmup: int, block: i
                         f"serve_latency: the process serving {uri} ended early (its error is above); expected a model URI it can load"
                     ) from None
                 if index:  # the first turn warms up
-                    times[uri] += timed
-        for ours, _ in pipes.values():
+                    timed_so_far += timed
+        for ours, _ in pipes:
             ours.send(None)
     finally:
         for worker in workers:
@@ -86,18 +88,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("uris", nargs="+", help="model URIs (PyTorch models run in fp32)")
     parser.add_argument("--experiment", required=True, help="its data.source and eval split give the sentences")
     parser.add_argument("--calls", type=int, default=2000, help="timed sentences per model")
-    parser.add_argument("--warmup", type=int, default=50, help="untimed calls per model first")
+    parser.add_argument("--warmup", type=int, help="untimed calls per model first (default: the experiment's evaluate.warmup)")
     parser.add_argument("--block", type=int, default=500, help="sentences per turn")
     args = parser.parse_args(argv)
     cfg = build_config(args.experiment, {})
     texts = load_split(cfg.data, cfg.data.eval_split, cfg.data.max_eval_examples).texts
-    times = in_turn(args.uris, texts, args.calls, args.warmup, args.block)
-    first = np.median(times[args.uris[0]])
+    warmup = cfg.evaluate.warmup if args.warmup is None else args.warmup
+    times = in_turn(args.uris, texts, args.calls, warmup, args.block)
+    first = np.median(times[0])
     print(
         f"batch-1 latency, {args.calls} sentences of {cfg.data.eval_split}, models taking turns every {args.block}, {torch.get_num_threads()} threads"
     )
     print("| model | sentences | p50 ms | p95 ms | p50 against the first |\n| --- | --- | --- | --- | --- |")
-    for uri, seconds in times.items():
+    for uri, seconds in zip(args.uris, times, strict=True):
         p50, p95 = np.percentile(np.array(seconds) * 1e3, [50, 95])
         print(f"| {uri} | {len(seconds)} | {p50:.3f} | {p95:.3f} | {p50 / (first * 1e3):.2f} |")
 
