@@ -252,16 +252,32 @@ def test_a_study_belongs_to_one_mlflow_store(tmp_path, monkeypatch):
         (None, False, 8, 2, (2, 4, "auto")),
         (None, False, 8, 1, (1, 8, "auto")),  # a last trial: a second process would only wait
         (None, False, 1, 30, (1, 1, "auto")),
-        (None, True, 8, 30, (1, 8, "auto")),
+        (None, True, 16, 30, (8, 2, "auto")),  # the GPU's share: at most 8, 2 threads each
+        (None, True, 8, 30, (4, 2, "auto")),
+        (None, True, 16, 3, (3, 5, "auto")),
+        (None, True, 16, 1, (1, 16, "auto")),
+        (None, True, 1, 30, (1, 1, "auto")),
         (3, False, 8, 30, (3, 2, "as configured")),
         (4, False, 2, 1, (4, 1, "as configured")),
+        (2, True, 16, 30, (2, 8, "as configured")),
     ],
 )
-def test_workers_null_picks_two_on_a_cpu_with_two_threads_and_one_on_a_gpu(monkeypatch, requested, cuda, threads, left, expected):
+def test_workers_null_picks_two_on_a_cpu_with_two_threads_and_several_on_a_gpu(monkeypatch, requested, cuda, threads, left, expected):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (139 * 2**30, 141 * 2**30))
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     workers = sweep.local_workers(requested, left)
     assert (workers.count, workers.threads, workers.reason.split(":")[0]) == expected
+
+
+@pytest.mark.parametrize(("free_gib", "count"), [(139, 8), (17, 4), (9, 2), (3, 1)])
+def test_workers_null_on_a_gpu_start_no_more_trials_than_its_free_memory_holds(monkeypatch, free_gib, count):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (free_gib * 2**30, 141 * 2**30))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 16)
+    workers = sweep.local_workers(None, 30)
+    assert workers.count == count and workers.count * sweep.GPU_MEMORY_PER_TRIAL <= max(free_gib * 2**30, sweep.GPU_MEMORY_PER_TRIAL)
+    assert f"{free_gib} GiB free" in workers.reason
 
 
 def test_two_local_workers_by_default_share_the_study_and_register_once(with_teacher, monkeypatch, capsys):
