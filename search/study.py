@@ -129,11 +129,11 @@ def make_pruner(cfg: ExperimentConfig) -> optuna.pruners.BasePruner:
 def open_study(cfg: ExperimentConfig, storage: optuna.storages.BaseStorage) -> tuple[optuna.Study, bool]:
     """The sweep's study, and whether this call created it: of workers starting together on a new
     study, exactly one did (the storage refuses a second study of one name)."""
-    name = study_name(cfg)
+    name, pruner = study_name(cfg), make_pruner(cfg)
     try:
-        return optuna.create_study(study_name=name, storage=storage, direction="maximize", pruner=make_pruner(cfg)), True
+        return optuna.create_study(study_name=name, storage=storage, direction="maximize", pruner=pruner), True
     except optuna.exceptions.DuplicatedStudyError:
-        return optuna.load_study(study_name=name, storage=storage, pruner=make_pruner(cfg)), False
+        return optuna.load_study(study_name=name, storage=storage, pruner=pruner), False
 
 
 def make_storage(url: str | None) -> tuple[optuna.storages.BaseStorage, str]:
