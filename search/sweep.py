@@ -125,18 +125,20 @@ class Workers:
 
 # Several trials on one GPU (README, "Several trials on one GPU"): on an H200 one trial kept the GPU
 # busy ~6% of a step, and 8 at once, 2 CPU threads each, did 6.8x the work of one; 8 was the most
-# measured, and 1 thread each did less. A trial's share of GPU memory: a bert-base student's weights,
-# gradients and AdamW moments (110M parameters x 16 bytes = 1.8 GB), activations and a CUDA context.
+# measured, and 1 thread each did less. A trial's GPU memory: its student's fp32 weights, gradients
+# and AdamW's two moments (16 bytes a parameter), and room for activations and the process's CUDA
+# context (an estimate, not a measured peak).
 GPU_TRIALS = 8
 GPU_THREADS_PER_TRIAL = 2
-GPU_MEMORY_PER_TRIAL = 4 * 2**30
+GPU_BYTES_PER_PARAMETER = 16
+GPU_TRIAL_HEADROOM = 2 * 2**30
 
 
-def local_workers(requested: int | None, left: int) -> Workers:
-    """``search.workers`` on this machine, with ``left`` trials still to run. Null picks 2 on a CPU with
-    2 or more threads; on a GPU as many as fit (``GPU_TRIALS``, 2 CPU threads and
-    ``GPU_MEMORY_PER_TRIAL`` of free GPU memory each); never more than ``left`` (a process without a
-    trial would only wait, holding threads).
+def local_workers(requested: int | None, left: int, parameters: int) -> Workers:
+    """``search.workers`` on this machine, with ``left`` trials still to run, each training a student of
+    ``parameters`` parameters. Null picks 2 on a CPU with 2 or more threads; on a GPU as many as fit
+    (``GPU_TRIALS``; 2 CPU threads and its share of the free GPU memory each); never more than
+    ``left`` (a process without a trial would only wait, holding threads).
 
     Two one-thread trials at once finish more trials per hour than one two-thread trial on a 2-core host
     (README, "Several workers on one machine"): the small students' matrices leave a second thread
@@ -145,9 +147,12 @@ def local_workers(requested: int | None, left: int) -> Workers:
     if requested is not None:
         count, reason = requested, "as configured"
     elif torch.cuda.is_available():
-        free = torch.cuda.mem_get_info()[0]
-        count = max(1, min(left, GPU_TRIALS, total // GPU_THREADS_PER_TRIAL, free // GPU_MEMORY_PER_TRIAL))
-        reason = f"auto: {count} trials share the GPU ({total} CPU threads, {free / 2**30:.0f} GiB free, {left} trials left; at most {GPU_TRIALS})"
+        free, per_trial = torch.cuda.mem_get_info()[0], GPU_BYTES_PER_PARAMETER * parameters + GPU_TRIAL_HEADROOM
+        count = max(1, min(left, GPU_TRIALS, total // GPU_THREADS_PER_TRIAL, free // per_trial))
+        reason = (
+            f"auto: {count} trials share the GPU ({total} CPU threads, {free / 2**30:.0f} GiB free, "
+            f"{per_trial / 2**30:.1f} GiB per trial, {left} trials left; at most {GPU_TRIALS})"
+        )
     elif total < 2:
         count, reason = 1, "auto: one CPU thread"
     elif left < 2:
@@ -210,7 +215,8 @@ def _sweep(cfg: ExperimentConfig, workers: Workers | None) -> SweepResult | None
         if start:
             study.enqueue_trial(start)  # by the study's creator alone, so it is queued once
         if launcher:
-            workers = local_workers(cfg.search.workers, cfg.search.n_trials - finished(study))
+            parameters = sum(param.numel() for param in data.template.model.parameters())
+            workers = local_workers(cfg.search.workers, cfg.search.n_trials - finished(study), parameters)
             print(f"sweep: workers {workers.count} x threads {workers.threads} ({workers.reason})", flush=True)
         objective = Objective(cfg, data, name)
         progress = _Progress(objective)

@@ -245,6 +245,9 @@ def test_a_study_belongs_to_one_mlflow_store(tmp_path, monkeypatch):
     assert safe_url("postgresql+psycopg2://kd:s3cret@db:5432/optuna") == "postgresql+psycopg2://kd:***@db:5432/optuna"
 
 
+BERT_BASE = 110_000_000  # parameters of a bert-base student
+
+
 @pytest.mark.parametrize(
     ("requested", "cuda", "threads", "left", "expected"),
     [
@@ -266,17 +269,21 @@ def test_workers_null_picks_two_on_a_cpu_with_two_threads_and_several_on_a_gpu(m
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (139 * 2**30, 141 * 2**30))
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
-    workers = sweep.local_workers(requested, left)
+    workers = sweep.local_workers(requested, left, BERT_BASE)
     assert (workers.count, workers.threads, workers.reason.split(":")[0]) == expected
 
 
-@pytest.mark.parametrize(("free_gib", "count"), [(139, 8), (17, 4), (9, 2), (3, 1)])
-def test_workers_null_on_a_gpu_start_no_more_trials_than_its_free_memory_holds(monkeypatch, free_gib, count):
+@pytest.mark.parametrize(
+    ("parameters", "free_gib", "count"),
+    [(BERT_BASE, 139, 8), (BERT_BASE, 17, 4), (BERT_BASE, 9, 2), (BERT_BASE, 3, 1), (17_400_000, 9, 3), (335_000_000, 24, 3)],
+)
+def test_workers_null_on_a_gpu_start_no_more_trials_than_its_free_memory_holds(monkeypatch, parameters, free_gib, count):
+    """Each trial's share: its student's weights, gradients and AdamW moments, and fixed headroom."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (free_gib * 2**30, 141 * 2**30))
     monkeypatch.setattr(torch, "get_num_threads", lambda: 16)
-    workers = sweep.local_workers(None, 30)
-    assert workers.count == count and workers.count * sweep.GPU_MEMORY_PER_TRIAL <= max(free_gib * 2**30, sweep.GPU_MEMORY_PER_TRIAL)
+    workers = sweep.local_workers(None, 30, parameters)
+    assert workers.count == count
     assert f"{free_gib} GiB free" in workers.reason
 
 
