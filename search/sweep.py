@@ -23,6 +23,7 @@ from optuna.trial import FrozenTrial, TrialState
 from kdlib import registry, tracking
 from kdlib.config import ExperimentConfig
 from kdlib.configure import replace
+from kdlib.models import count_parameters
 from kdlib.student import StudentData, prepare
 from kdlib.training import NonFiniteLoss, format_duration
 from search import baseline, space
@@ -124,8 +125,8 @@ class Workers:
 
 
 # Several trials on one GPU (README, "Several trials on one GPU"): on an H200 one trial kept the GPU
-# busy ~6% of a step, and 8 at once, 2 CPU threads each, did 6.8x the work of one; 8 was the most
-# measured, and 1 thread each did less. A trial's GPU memory: its student's fp32 weights, gradients
+# busy ~6% of a step, and 8 at once, 2 CPU threads each, did 6.8x the work of one (3.5x against the
+# fastest single small-student trial seen); 8 was the most measured, and 1 thread each did less. A trial's GPU memory: its student's fp32 weights, gradients
 # and AdamW's two moments (16 bytes a parameter), and room for activations and the process's CUDA
 # context (an estimate, not a measured peak).
 GPU_TRIALS = 8
@@ -215,8 +216,7 @@ def _sweep(cfg: ExperimentConfig, workers: Workers | None) -> SweepResult | None
         if start:
             study.enqueue_trial(start)  # by the study's creator alone, so it is queued once
         if launcher:
-            parameters = sum(param.numel() for param in data.template.model.parameters())
-            workers = local_workers(cfg.search.workers, cfg.search.n_trials - finished(study), parameters)
+            workers = local_workers(cfg.search.workers, cfg.search.n_trials - finished(study), count_parameters(data.template.model))
             print(f"sweep: workers {workers.count} x threads {workers.threads} ({workers.reason})", flush=True)
         objective = Objective(cfg, data, name)
         progress = _Progress(objective)
