@@ -56,6 +56,7 @@ class SweepResult:
     best_value: float | None  # validation accuracy of the best trial
     best_eval_accuracy: float | None
     best_params: dict
+    best_run_id: str | None  # the best trial's MLflow run (its model, its evaluation logits)
     version: str | None
     promoted: bool
     baseline: baseline.Baseline | None  # the plain student and the distillation gain (search.plain_baseline)
@@ -279,19 +280,19 @@ def _promote_best(cfg: ExperimentConfig, study: optuna.Study, run_id: str, url: 
     done = finished(study)
     if not complete:
         tracking.set_tags({"champion.promoted": "false"})
-        return SweepResult(study.study_name, url, run_id, done, None, None, {}, None, False, None)
+        return SweepResult(study.study_name, url, run_id, done, None, None, {}, None, None, False, None)
     best = study.best_trial
-    evaluated = best.user_attrs[EVAL_ATTR]
+    evaluated, best_run = best.user_attrs[EVAL_ATTR], best.user_attrs[RUN_ATTR]
     settings = {STUDY_TAG: study.study_name, TRIAL_TAG: best.number, **best.params}
     version, promoted = registry.register_and_promote(
         best.user_attrs[MODEL_ATTR],
         registry.student_model_name(cfg),
         best.value,
-        run_id=best.user_attrs[RUN_ATTR],
+        run_id=best_run,
         **registry.notes(f"Best trial ({best.number}) of the sweep {study.study_name!r}", best.value, evaluated, settings),
     )
     plain = None
     if cfg.search.plain_baseline:
         plain = baseline.measure(cfg, data, study.study_name, best)
         print(f"sweep: {baseline.describe(evaluated, plain)}", flush=True)
-    return SweepResult(study.study_name, url, run_id, done, best.value, evaluated, best.params, version, promoted, plain)
+    return SweepResult(study.study_name, url, run_id, done, best.value, evaluated, best.params, best_run, version, promoted, plain)

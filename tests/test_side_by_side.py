@@ -10,6 +10,7 @@ import pytest
 from optuna.trial import TrialState
 
 from kdlib import registry, tracking
+from kdlib.data import load_splits
 from kdlib.errors import KDError
 from search import space
 from search.benchmarks import side_by_side
@@ -30,6 +31,12 @@ def test_both_sweeps_draw_the_same_settings_and_the_recipe_logs_each_trial(tmp_p
     assert trials[0] == space.configured(cfg)
     assert trials[1:] == [theirs["sampled"][str(number)] for number in range(len(trials) - 1)]
     assert results["speed_up"] == pytest.approx(theirs["wall_s"] / ours["wall_s"])
+    # Best against best, sentence by sentence: the right trials' logits, in the labels' order.
+    gain = results["eval_difference"]
+    assert gain["difference"] == pytest.approx(ours["best_eval_accuracy"] - theirs["best_eval_accuracy"])
+    assert gain["a_only"] - gain["b_only"] == round(gain["difference"] * len(load_splits(cfg.data).eval.labels))
+    assert gain["low"] <= gain["difference"] <= gain["high"]
+    assert "only the project's gets right" in side_by_side.markdown(results)
     assert ours["wall_s"] == pytest.approx(ours["sweep_s"] + ours["teacher_logits_s"])
     assert json.loads((side_by_side.OUT / "smoke-side-by-side.json").read_text()) == results
 

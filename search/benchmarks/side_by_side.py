@@ -11,13 +11,16 @@ measured back to back:
 The teacher is the experiment's champion, fine-tuned first if there is none; its fine-tuning is in
 neither figure. This project's figure is the sweep job end to end (plain twin off: the recipe has
 none) plus the teacher's logit pass that the sweep reads, which the recipe does not need. The
-recipe's figure is ``run_recipe`` end to end. Writes ``outputs/bench/<name>-side-by-side.json``
-and prints a markdown table.
+recipe's figure is ``run_recipe`` end to end. The two best trials (each chosen on validation) are
+compared sentence by sentence on the evaluation split (``kdlib.metrics.paired_gain``: the difference,
+its 95% paired-bootstrap interval and McNemar p), since single accuracies on a few hundred sentences
+differ by chance. Writes ``outputs/bench/<name>-side-by-side.json`` and prints a markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -25,7 +28,10 @@ import time
 from kdlib import logits_cache, registry, tracking
 from kdlib.config import ExperimentConfig
 from kdlib.configure import build_config, parse_overrides, replace
+from kdlib.data import load_splits
 from kdlib.errors import KDError
+from kdlib.metrics import paired_gain
+from kdlib.student import EVAL_LOGITS
 from kdlib.teacher import run_teacher
 from search.benchmarks import trainer_recipe
 from search.benchmarks.bench import OUT
@@ -61,6 +67,12 @@ def compare(cfg: ExperimentConfig) -> dict:
     recipe_s = time.perf_counter() - started
     best = recipe.best_trial
     trials = trial_runs(cfg.name, sweep.study_name)  # every local worker's, not only the launcher's
+    difference = None
+    if sweep.best_run_id is not None and best is not None:
+        labels = load_splits(cfg.data).eval.labels
+        difference = dataclasses.asdict(
+            paired_gain(tracking.load_array(sweep.best_run_id, EVAL_LOGITS), recipe.eval_logits[best], labels, seed=cfg.search.seed)
+        )
     results = {
         "experiment": cfg.name,
         "n_trials": cfg.search.n_trials,
@@ -91,6 +103,8 @@ def compare(cfg: ExperimentConfig) -> dict:
             "trials": {str(number): list(accuracies) for number, accuracies in recipe.finished.items()},
         },
         "speed_up": recipe_s / (sweep_s + logits_s),
+        # best trial against best trial on the evaluation split: the project's minus the recipe's
+        "eval_difference": difference,
     }
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / f"{cfg.name}-side-by-side.json").write_text(json.dumps(results, indent=2))
@@ -102,6 +116,15 @@ def markdown(results: dict) -> str:
 
     def accuracy(side: dict) -> str:
         return "none finished" if side["best_val_accuracy"] is None else f"{side['best_val_accuracy']:.4f} / {side['best_eval_accuracy']:.4f}"
+
+    def difference(gain: dict | None) -> str:
+        if gain is None:
+            return "no finished trial on a side"
+        points = {key: 100 * gain[key] for key in ("difference", "low", "high")}
+        return (
+            f"{points['difference']:+.2f} points ({points['low']:+.2f} to {points['high']:+.2f}; p = {gain['p_value']:.3f}; "
+            f"{gain['a_only']} sentences only the project's gets right, {gain['b_only']} only the recipe's)"
+        )
 
     rows = [
         (
@@ -115,6 +138,7 @@ def markdown(results: dict) -> str:
             f"{theirs['finished']} of {results['n_trials']}",
         ),
         ("best trial: validation / evaluation accuracy", accuracy(ours), accuracy(theirs)),
+        ("best trial against best trial, evaluation accuracy (95% paired interval; McNemar p)", difference(results["eval_difference"]), ""),
         ("**speed-up**", f"**{results['speed_up']:.2f}x**", "1x"),
     ]
     return "\n".join(["| | this project | Trainer recipe |", "| --- | --- | --- |", *[f"| {a} | {b} | {c} |" for a, b, c in rows]])

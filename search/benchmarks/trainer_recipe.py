@@ -18,6 +18,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 
+import numpy as np
 import optuna
 import torch
 from datasets import Dataset
@@ -62,6 +63,7 @@ class DistillationTrainer(Trainer):
         self.teacher = teacher.to(self.args.device).eval()
         self.evaluation = evaluation
         self.finished: dict[int, tuple[float, float]] = {}  # Optuna trial number -> (validation, evaluation) accuracy
+        self.eval_logits: dict[int, np.ndarray] = {}  # Optuna trial number -> its evaluation-split logits, in split order
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs.pop("labels")
@@ -83,8 +85,9 @@ class DistillationTrainer(Trainer):
             self.args.run_name = f"trial-{trial.number}"
         output = super().train(*args, trial=trial, **kwargs)
         if trial is not None:  # a pruned trial raised TrialPruned above and is not scored
-            accuracy = self.predict(self.evaluation, metric_key_prefix="test").metrics["test_accuracy"]
-            self.finished[trial.number] = (self.objective, accuracy)
+            scored = self.predict(self.evaluation, metric_key_prefix="test")
+            self.finished[trial.number] = (self.objective, scored.metrics["test_accuracy"])
+            self.eval_logits[trial.number] = scored.predictions
         return output
 
 
@@ -93,6 +96,7 @@ class RecipeResult:
     run_id: str  # the recipe's parent MLflow run; each trial is a run nested under it
     sampled: dict[int, dict]  # Optuna trial number -> its settings, by config key
     finished: dict[int, tuple[float, float]]  # trial number -> (validation, evaluation) accuracy; pruned trials absent
+    eval_logits: dict[int, np.ndarray]  # trial number -> evaluation-split logits in split order; pruned trials absent
 
     @property
     def best_trial(self) -> int | None:
@@ -206,7 +210,7 @@ def run_recipe(cfg: ExperimentConfig, teacher_version: str) -> RecipeResult:
                     sampler=optuna.samplers.TPESampler(seed=cfg.search.seed),
                     pruner=make_pruner(cfg),
                 )
-                result = RecipeResult(run.info.run_id, sampled, dict(trainer.finished))
+                result = RecipeResult(run.info.run_id, sampled, dict(trainer.finished), dict(trainer.eval_logits))
                 if result.best_trial is not None:
                     best_val, best_eval = result.finished[result.best_trial]
                     tracking.log_metrics({f"best_{registry.METRIC}": best_val, f"best_{registry.EVAL_METRIC}": best_eval})
