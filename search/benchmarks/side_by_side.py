@@ -88,6 +88,7 @@ def compare(cfg: ExperimentConfig) -> dict:
             "best_val_accuracy": sweep.best_value,
             "best_eval_accuracy": sweep.best_eval_accuracy,
             "best_params": sweep.best_params,
+            "best_run_id": sweep.best_run_id,
             "trials": {
                 run.data.tags[TRIAL_TAG]: [run.data.metrics.get(registry.METRIC), run.data.metrics.get(registry.EVAL_METRIC)] for run in trials
             },

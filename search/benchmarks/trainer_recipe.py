@@ -32,7 +32,7 @@ from kdlib.errors import KDError
 from kdlib.losses import kd_loss
 from kdlib.metrics import accuracy
 from kdlib.models import SCRATCH, cut_from_teacher, load_classifier
-from kdlib.student import fetch_teacher
+from kdlib.student import EVAL_LOGITS, fetch_teacher
 from search.space import suggest
 from search.study import make_pruner
 
@@ -214,6 +214,8 @@ def run_recipe(cfg: ExperimentConfig, teacher_version: str) -> RecipeResult:
                 if result.best_trial is not None:
                     best_val, best_eval = result.finished[result.best_trial]
                     tracking.log_metrics({f"best_{registry.METRIC}": best_val, f"best_{registry.EVAL_METRIC}": best_eval})
+                    # where the project's trials keep theirs, so the two bests can be compared sentence by sentence later
+                    tracking.log_array(EVAL_LOGITS, result.eval_logits[result.best_trial])
         finally:
             if nested is None:
                 os.environ.pop("MLFLOW_NESTED_RUN")
