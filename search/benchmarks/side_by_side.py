@@ -28,7 +28,7 @@ import time
 from kdlib import logits_cache, registry, tracking
 from kdlib.config import ExperimentConfig
 from kdlib.configure import build_config, parse_overrides, replace
-from kdlib.data import load_splits
+from kdlib.data import load_split
 from kdlib.errors import KDError
 from kdlib.metrics import paired_gain
 from kdlib.student import EVAL_LOGITS
@@ -69,7 +69,7 @@ def compare(cfg: ExperimentConfig) -> dict:
     trials = trial_runs(cfg.name, sweep.study_name)  # every local worker's, not only the launcher's
     difference = None
     if sweep.best_run_id is not None and best is not None:
-        labels = load_splits(cfg.data).eval.labels
+        labels = load_split(cfg.data, cfg.data.eval_split, cfg.data.max_eval_examples).labels
         difference = dataclasses.asdict(
             paired_gain(tracking.load_array(sweep.best_run_id, EVAL_LOGITS), recipe.eval_logits[best], labels, seed=cfg.search.seed)
         )
