@@ -25,6 +25,7 @@ SIDE = ["search.n_trials=2", "distill.transfer.copies=0", "search.space.distill.
 def test_both_sweeps_draw_the_same_settings_and_the_recipe_logs_each_trial(tmp_path):
     cfg = swept_config(*SIDE)
     results = side_by_side.compare(cfg)
+    labels = load_splits(cfg.data).eval.labels
 
     ours, theirs = results["project"], results["trainer_recipe"]
     study = optuna.load_study(study_name=ours["study_name"], storage=make_storage(None)[0])
@@ -36,7 +37,7 @@ def test_both_sweeps_draw_the_same_settings_and_the_recipe_logs_each_trial(tmp_p
     # Best against best, sentence by sentence: the right trials' logits, in the labels' order.
     gain = results["eval_difference"]
     assert gain["difference"] == pytest.approx(ours["best_eval_accuracy"] - theirs["best_eval_accuracy"])
-    assert gain["a_only"] - gain["b_only"] == round(gain["difference"] * len(load_splits(cfg.data).eval))
+    assert gain["a_only"] - gain["b_only"] == round(gain["difference"] * len(labels))
     assert gain["low"] <= gain["difference"] <= gain["high"]
     assert "only the project's gets right" in side_by_side.markdown(results)
     assert ours["wall_s"] == pytest.approx(ours["sweep_s"] + ours["teacher_logits_s"])
@@ -46,7 +47,6 @@ def test_both_sweeps_draw_the_same_settings_and_the_recipe_logs_each_trial(tmp_p
     runs = mlflow.search_runs(experiment_names=["smoke-trainer-recipe"], output_format="list")
     parent = [run for run in runs if run.data.tags.get(tracking.ROLE_TAG) == registry.Role.TRAINER_RECIPE]
     assert len(parent) == 1 and parent[0].info.status == "FINISHED"
-    labels = load_splits(cfg.data).eval.labels
     assert accuracy(tracking.load_array(parent[0].info.run_id, EVAL_LOGITS), labels) == pytest.approx(theirs["best_eval_accuracy"])
     children = [run for run in runs if run.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id]
     assert len(children) == cfg.search.n_trials

@@ -70,9 +70,9 @@ def compare(cfg: ExperimentConfig) -> dict:
     difference = None
     if sweep.best_run_id is not None and best is not None:
         labels = load_split(cfg.data, cfg.data.eval_split, cfg.data.max_eval_examples).labels
-        difference = dataclasses.asdict(
-            paired_gain(tracking.load_array(sweep.best_run_id, EVAL_LOGITS), recipe.eval_logits[best], labels, seed=cfg.search.seed)
-        )
+        # each side's best logits where its run keeps them: the project's best trial run, the recipe's run
+        bests = [tracking.load_array(run_id, EVAL_LOGITS) for run_id in (sweep.best_run_id, recipe.run_id)]
+        difference = dataclasses.asdict(paired_gain(*bests, labels, seed=cfg.search.seed))
     results = {
         "experiment": cfg.name,
         "n_trials": cfg.search.n_trials,

@@ -96,7 +96,6 @@ class RecipeResult:
     run_id: str  # the recipe's parent MLflow run; each trial is a run nested under it
     sampled: dict[int, dict]  # Optuna trial number -> its settings, by config key
     finished: dict[int, tuple[float, float]]  # trial number -> (validation, evaluation) accuracy; pruned trials absent
-    eval_logits: dict[int, np.ndarray]  # trial number -> evaluation-split logits in split order; pruned trials absent
 
     @property
     def best_trial(self) -> int | None:
@@ -210,12 +209,12 @@ def run_recipe(cfg: ExperimentConfig, teacher_version: str) -> RecipeResult:
                     sampler=optuna.samplers.TPESampler(seed=cfg.search.seed),
                     pruner=make_pruner(cfg),
                 )
-                result = RecipeResult(run.info.run_id, sampled, dict(trainer.finished), dict(trainer.eval_logits))
+                result = RecipeResult(run.info.run_id, sampled, dict(trainer.finished))
                 if result.best_trial is not None:
                     best_val, best_eval = result.finished[result.best_trial]
                     tracking.log_metrics({f"best_{registry.METRIC}": best_val, f"best_{registry.EVAL_METRIC}": best_eval})
                     # where the project's trials keep theirs, so the two bests can be compared sentence by sentence later
-                    tracking.log_array(EVAL_LOGITS, result.eval_logits[result.best_trial])
+                    tracking.log_array(EVAL_LOGITS, trainer.eval_logits[result.best_trial])
         finally:
             if nested is None:
                 os.environ.pop("MLFLOW_NESTED_RUN")
