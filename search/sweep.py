@@ -127,9 +127,9 @@ class Workers:
 
 # Several trials on one GPU (README, "Several trials on one GPU"): on an H200 one trial kept the GPU
 # busy ~6% of a step, and 8 at once, 2 CPU threads each, did 6.8x the work of one (3.5x against the
-# fastest single small-student trial seen); 8 was the most measured, and 1 thread each did less. A trial's GPU memory: its student's fp32 weights, gradients
-# and AdamW's two moments (16 bytes a parameter), and room for activations and the process's CUDA
-# context (an estimate, not a measured peak).
+# fastest single small-student trial seen); 8 was the most measured, and 1 thread each did less.
+# A trial's GPU memory: its student's fp32 weights, gradients and AdamW's two moments (16 bytes a
+# parameter), and room for activations and the process's CUDA context (an estimate, not a measured peak).
 GPU_TRIALS = 8
 GPU_THREADS_PER_TRIAL = 2
 GPU_BYTES_PER_PARAMETER = 16
