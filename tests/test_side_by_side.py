@@ -16,15 +16,16 @@ from kdlib.metrics import accuracy
 from kdlib.student import EVAL_LOGITS
 from search import space
 from search.benchmarks import side_by_side
-from search.study import make_storage
+from search.study import make_storage, trial_runs
 from tests.conftest import swept_config
 
 SIDE = ["search.n_trials=2", "distill.transfer.copies=0", "search.space.distill.train.epochs.high=2"]
 
 
-def test_both_sweeps_draw_the_same_settings_and_the_recipe_logs_each_trial(tmp_path):
+@pytest.mark.parametrize("project_only", [{}, {"distill.transfer.copies": "1"}], ids=["like-for-like", "transfer-set-for-the-project"])
+def test_both_sweeps_draw_the_same_settings_and_the_recipe_logs_each_trial(project_only):
     cfg = swept_config(*SIDE)
-    results = side_by_side.compare(cfg)
+    results = side_by_side.compare(cfg, project_only)
     labels = load_splits(cfg.data).eval.labels
 
     ours, theirs = results["project"], results["trainer_recipe"]
@@ -40,7 +41,13 @@ def test_both_sweeps_draw_the_same_settings_and_the_recipe_logs_each_trial(tmp_p
     assert gain["a_only"] - gain["b_only"] == round(gain["difference"] * len(labels))
     assert gain["low"] <= gain["difference"] <= gain["high"]
     assert "only the project's gets right" in side_by_side.markdown(results)
-    assert ours["wall_s"] == pytest.approx(ours["sweep_s"] + ours["teacher_logits_s"])
+    assert ours["wall_s"] == pytest.approx(ours["sweep_s"] + ours["teacher_logits_s"] + ours["transfer_set_s"])
+    # A project-only setting reaches the project's trials alone, its cost is counted, and the table names it.
+    assert results["project_only"] == project_only
+    assert (ours["transfer_set_s"] > 0) == bool(project_only)
+    assert ("not like for like" in side_by_side.markdown(results)) == bool(project_only)
+    trained = [run for run in trial_runs(cfg.name, ours["study_name"]) if registry.EVAL_METRIC in run.data.metrics]
+    assert trained and all(("transfer.digest" in run.data.params) == bool(project_only) for run in trained)
     assert json.loads((side_by_side.OUT / "smoke-side-by-side.json").read_text()) == results
 
     # The recipe's trials are MLflow runs under its own run, with their settings and per-epoch validation accuracy.
@@ -77,4 +84,10 @@ def test_both_sweeps_draw_the_same_settings_and_the_recipe_logs_each_trial(tmp_p
 def test_what_the_recipe_cannot_do_is_refused_before_anything_runs(override, named):
     with pytest.raises(KDError, match=named):
         side_by_side.compare(swept_config(*SIDE, override))
+    assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
+
+
+def test_project_only_settings_must_leave_data_teacher_and_student_shared():
+    with pytest.raises(KDError, match=r"--project-only data\.max_train_examples: expected keys under distill\. or search\."):
+        side_by_side.compare(swept_config(*SIDE), {"data.max_train_examples": "10"})
     assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
