@@ -160,6 +160,13 @@ class Stepper:
     rows: embedding_gradient.RowGradient | None = None
     lazy: embedding_gradient.LazyAdamW | None = None
 
+    def update(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, max_norm: float) -> None:
+        """After the backward pass: clip (once the accumulated gradients sync), update, clear."""
+        if self.accelerator.sync_gradients:
+            self.clip(model, max_norm)
+        self.step(optimizer)
+        self.clear(optimizer)
+
     def clip(self, model: torch.nn.Module, max_norm: float) -> None:
         if self.rows is None:
             self.accelerator.clip_grad_norm_(model.parameters(), max_norm)
@@ -217,11 +224,8 @@ def train_epoch(
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             loss, parts = loss_fn(logits, batch)
             accelerator.backward(loss)
-            if accelerator.sync_gradients:
-                stepper.clip(model, cfg.max_grad_norm)
-            stepper.step(optimizer)
+            stepper.update(model, optimizer, cfg.max_grad_norm)
             scheduler.step()
-            stepper.clear(optimizer)
         loss_sum += loss.detach()
         for name, value in parts.items():
             part_sums[name] = part_sums.get(name, 0) + value.detach()

@@ -69,9 +69,7 @@ def _trial(shape: dict, word_embeddings: str, steps: int, warmup: int, threads: 
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         loss, _, _ = kd_loss(logits, targets[batch["index"].cpu()].to(device), batch["labels"], 4.0, 0.5)
         accelerator.backward(loss)
-        stepper.clip(model, cfg.max_grad_norm)
-        stepper.step(optimizer)
-        stepper.clear(optimizer)
+        stepper.update(model, optimizer, cfg.max_grad_norm)
 
     with lean_steps(model, accelerator, lazy) as stepper:  # as kdlib's training loop steps
         for _ in range(warmup):
