@@ -4,13 +4,14 @@ Every MLproject entry point calls this; ``mlflow run -P train.epochs=2`` arrives
 It owns the jobs, their short names (``n_trials`` for ``search.n_trials``) and the order of the
 whole pipeline (teacher -> sweep -> report). It sits at the top of the flow: it imports the jobs of
 kdlib, search and reports, and nothing imports it. Errors the user can fix print one line and exit
-with status 2 (130 for Ctrl-C), never a traceback.
+with status 2 (130 for Ctrl-C or SIGTERM), never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 
 from kdlib.config import ExperimentConfig
 from kdlib.configure import build_config, parse_overrides, replace, settings, shown, to_yaml
-from kdlib.errors import KDError
+from kdlib.errors import KDError, interrupt_on
 
 DEFAULT_EXPERIMENT = "experiments/sst2-bert.yaml"
 PROG = "python -m kdlib"
@@ -202,7 +203,7 @@ def _quiet_progress_bars() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse, build the config, run the job; KDError -> one line, exit 2; Ctrl-C -> one line, exit 130."""
+    """Parse, build the config, run the job; KDError -> one line, exit 2; Ctrl-C or SIGTERM -> one line, exit 130."""
     jobs = "\n".join(f"  {name:9} {job.summary}" for name, job in JOBS.items())
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -234,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
             print(to_yaml(cfg), end="")
             return 0
         _quiet_progress_bars()
+        interrupt_on(signal.SIGTERM)
         job.run(cfg)
     except KDError as exc:
         print(f"error: {exc}", file=sys.stderr)

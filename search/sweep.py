@@ -7,12 +7,15 @@ each worker's run nests under the sweep's first run, so ``mlflow ui`` shows one 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import multiprocessing
 import os
+import signal
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,6 +26,7 @@ from optuna.trial import FrozenTrial, TrialState
 from kdlib import registry, tracking
 from kdlib.config import ExperimentConfig
 from kdlib.configure import replace
+from kdlib.errors import interrupt_on
 from kdlib.models import count_parameters
 from kdlib.student import StudentData, prepare
 from kdlib.training import NonFiniteLoss, format_duration
@@ -193,6 +197,8 @@ def _start_local_worker(cfg: ExperimentConfig, index: int, workers: Workers) -> 
 
 
 def _local_worker(cfg: ExperimentConfig, workers: Workers) -> None:
+    # Stopped by its launcher (SIGTERM) or by Ctrl-C with it: either way it unwinds once, as the launcher does.
+    interrupt_on(signal.SIGTERM, signal.SIGINT)
     # Its own sweep run under the study's root: the launcher's run belongs to the first process.
     os.environ.pop(tracking.LAUNCHER_RUN, None)
     # Set before `_sweep` sets it again: its data preparation runs beside the launcher's first trial.
@@ -226,30 +232,46 @@ def _sweep(cfg: ExperimentConfig, workers: Workers | None) -> SweepResult | None
             register_worker(study, run.info.run_id)
             total = torch.get_num_threads()
             others = [_start_local_worker(cfg, i, workers) for i in range(1, workers.count)] if launcher else []
-            torch.set_num_threads(workers.threads)
-            tracking.log_params(
-                {
-                    "search.n_trials": cfg.search.n_trials,
-                    "search.storage": url,
-                    "search.study_name": name,
-                    "search.pruner": cfg.search.pruner,
-                    "search.seed": cfg.search.seed,
-                    "search.workers": cfg.search.workers,
-                    "search.local_workers": workers.count,
-                    "search.threads_per_worker": workers.threads,
-                    "search.workers_reason": workers.reason,
-                    "search.space": json.dumps({key: dataclasses.asdict(param) for key, param in cfg.search.space.items()}),
-                }
-            )
-            deadline = time.monotonic() + cfg.search.timeout if cfg.search.timeout else None
-            _work(study, objective, deadline, [_log_best, progress])
-            for worker in others:
-                worker.join()
+            with _stopping_on_failure(others):
+                torch.set_num_threads(workers.threads)
+                tracking.log_params(
+                    {
+                        "search.n_trials": cfg.search.n_trials,
+                        "search.storage": url,
+                        "search.study_name": name,
+                        "search.pruner": cfg.search.pruner,
+                        "search.seed": cfg.search.seed,
+                        "search.workers": cfg.search.workers,
+                        "search.local_workers": workers.count,
+                        "search.threads_per_worker": workers.threads,
+                        "search.workers_reason": workers.reason,
+                        "search.space": json.dumps({key: dataclasses.asdict(param) for key, param in cfg.search.space.items()}),
+                    }
+                )
+                deadline = time.monotonic() + cfg.search.timeout if cfg.search.timeout else None
+                _work(study, objective, deadline, [_log_best, progress])
+                for worker in others:
+                    worker.join()
             torch.set_num_threads(total)  # the plain student runs alone
             if not launcher:
                 return None
             result = _promote_best(cfg, study, run.info.run_id, url, data)
     return result
+
+
+@contextlib.contextmanager
+def _stopping_on_failure(workers: list[multiprocessing.Process]) -> Iterator[None]:
+    """Stop the launcher's local workers when it stops: killed (SIGTERM), interrupted or failed, the
+    command ends whole, its workers' trials failed (and retried on resume) and their runs closed,
+    instead of workers training on unseen. A worker that dies alone is another matter: the others retry its trial."""
+    try:
+        yield
+    except BaseException:
+        for worker in workers:
+            worker.terminate()  # SIGTERM: the worker unwinds (``interrupt_on``)
+        for worker in workers:
+            worker.join()
+        raise
 
 
 def _work(study: optuna.Study, objective: Objective, deadline: float | None, callbacks: list) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import subprocess
 import sys
@@ -63,6 +65,41 @@ def test_worker_killed_mid_trial_then_same_command_again(teacher, tmp_path):
     # Every finished trial ran once: one MLflow run per trial number.
     numbers = [r.data.tags["optuna.trial"] for r in all_runs() if r.data.tags.get("kd.role") == "student-trial"]
     assert sorted(numbers) == sorted({*numbers})
+
+
+def test_a_stopped_sweep_stops_its_local_workers(teacher, tmp_path):
+    """SIGTERM to the sweep command (kill, a scheduler): its second local process stops too, nothing is
+    left RUNNING, and the command says how to resume, as after Ctrl-C."""
+    journal = tmp_path / "mlflow.optuna-journal.log"
+    command = [*WORKER, "n_trials=20", "search.workers=2", "pruner=none", "search.space.distill.train.epochs.low=3"]
+    log = tmp_path / "stderr.log"  # a file, not a pipe: a worker outliving the launcher would hold a pipe open
+    with log.open("w") as stderr:
+        launcher = subprocess.Popen(command, env=subprocess_env(tmp_path), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=stderr)
+
+    def a_trial_with_a_run_in_each_process():
+        try:
+            study = optuna.load_study(study_name="smoke-sweep", storage=make_storage(str(journal))[0])
+        except KeyError:
+            return None
+        running = [t for t in study.get_trials(states=(TrialState.RUNNING,)) if "mlflow_run_id" in t.user_attrs]
+        return {t.user_attrs["worker"] for t in running} if len({t.user_attrs["worker"] for t in running}) == 2 else None
+
+    workers = wait_for(a_trial_with_a_run_in_each_process, 300, "a trial running in each of the two processes")
+    (other,) = [int(worker.rpartition(":")[2]) for worker in workers if int(worker.rpartition(":")[2]) != launcher.pid]
+    launcher.send_signal(signal.SIGTERM)
+    try:
+        launcher.wait(timeout=300)
+        assert launcher.returncode == 130, log.read_text()[-3000:]
+        assert "rerun the same command to resume" in log.read_text()
+        with pytest.raises(ProcessLookupError):  # stopped, and reaped by the launcher before it exited
+            os.kill(other, 0)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(other, signal.SIGKILL)  # when the test fails: no worker left training
+    study = optuna.load_study(study_name="smoke-sweep", storage=make_storage(str(journal))[0])
+    assert not study.get_trials(states=(TrialState.RUNNING,))
+    assert len(study.get_trials(states=(TrialState.FAIL,))) == 2  # the two stopped mid-trial, retried on resume
+    assert all(r.info.status != "RUNNING" for r in all_runs())
 
 
 def test_two_workers_share_one_study_in_postgresql(teacher, tmp_path, postgres_url):
