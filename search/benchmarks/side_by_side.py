@@ -14,9 +14,9 @@ the table name them.
 
 The teacher is the experiment's champion, fine-tuned first if there is none; its fine-tuning is in
 neither figure. This project's figure is the sweep job end to end (plain twin off: the recipe has
-none) plus the teacher's logit pass that the sweep reads, which the recipe does not need (and the transfer set's
-making, where ``--project-only`` gives one). The
-recipe's figure is ``run_recipe`` end to end. The two best trials (each chosen on validation) are
+none) plus the teacher's logit pass that the sweep reads, which the recipe does not need (and the
+transfer set's making, where ``--project-only`` gives one). The recipe's figure is ``run_recipe`` end
+to end. The two best trials (each chosen on validation) are
 compared sentence by sentence on the evaluation split (``kdlib.metrics.paired_gain``: the difference,
 its 95% paired-bootstrap interval and McNemar p), since single accuracies on a few hundred sentences
 differ by chance. Writes ``outputs/bench/<name>-side-by-side.json`` and prints a markdown table.
