@@ -82,10 +82,10 @@ def test_a_stopped_sweep_stops_its_local_workers(teacher, tmp_path):
         except KeyError:
             return None
         running = [t for t in study.get_trials(states=(TrialState.RUNNING,)) if "mlflow_run_id" in t.user_attrs]
-        return {t.user_attrs["worker"] for t in running} if len({t.user_attrs["worker"] for t in running}) == 2 else None
+        pids = {int(t.user_attrs["worker"].rpartition(":")[2]) for t in running}  # the attribute reads host:pid
+        return pids if len(pids) == 2 else None
 
-    workers = wait_for(a_trial_with_a_run_in_each_process, 300, "a trial running in each of the two processes")
-    (other,) = [int(worker.rpartition(":")[2]) for worker in workers if int(worker.rpartition(":")[2]) != launcher.pid]
+    (other,) = wait_for(a_trial_with_a_run_in_each_process, 300, "a trial running in each of the two processes") - {launcher.pid}
     launcher.send_signal(signal.SIGTERM)
     try:
         launcher.wait(timeout=300)
