@@ -13,6 +13,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+from onnx import numpy_helper
 from transformers import BertConfig, BertForMaskedLM
 
 from kdlib import registry, tracking
@@ -91,6 +92,11 @@ def test_export_reproduces_pytorch_and_serves_raw_strings(in_swept, exported):
     ids = np.array([[2, 5, 6, 7, 8, 3]], dtype=np.int64)
     hidden = ort.InferenceSession(model.SerializeToString()).run([ffn.output[0]], {"input_ids": ids, "attention_mask": np.ones_like(ids)})[0]
     assert hidden.shape[:2] == (1, 1)
+    with tempfile.TemporaryDirectory() as tmp:
+        int8 = onnx.load(str(Path(registry.fetch_model(exported.model_uris["int8"], tmp).folder) / ONNX_FILE))
+    weights = [numpy_helper.to_array(t) for t in int8.graph.initializer if t.data_type == onnx.TensorProto.INT8]
+    # uint8 activations times these weights, summed in pairs, fit 16 bits: the kernel of CPUs without VNNI cannot overflow.
+    assert weights and 2 * 255 * max(int(np.abs(w.astype(np.int32)).max()) for w in weights) <= np.iinfo(np.int16).max
     texts = load_split(swept_config().data, "validation", 200).texts
     assert (labels_from_pyfunc(exported.model_uris["fp32"], texts) == labels_from_pyfunc(STUDENT, texts)).all()
     assert (labels_from_pyfunc(exported.model_uris["optimized"], texts) == labels_from_pyfunc(STUDENT, texts)).all()
