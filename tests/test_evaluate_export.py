@@ -187,6 +187,8 @@ def test_mlflow_run_export_and_evaluate_as_documented(in_swept):
     done = mlflow_run(in_swept, "export", f"model_uri={STUDENT}", "data.max_eval_examples=200")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "TensorRT:" in done.stdout
+    # named as the project names it: GLUE's validation split is this experiment's evaluation split
+    assert "evaluation split (validation) accuracy: PyTorch" in done.stdout
     int8 = re.search(r"ONNX int8: mlflow\.pyfunc\.load_model\('(runs:/\w+/onnx_int8)'\)", done.stdout).group(1)
     done = mlflow_run(in_swept, "evaluate", f"model_uri={int8}", "data.max_eval_examples=200", "evaluate.latency_calls=5")
     assert done.returncode == 0, done.stderr[-3000:]
