@@ -148,7 +148,7 @@ def quantize_int8(src: Path, dst: Path) -> Path:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns(f"{ONNX_FILE}*"))
-    # Per-channel scales: the sst2-minilm champion lost 0.23 points of dev accuracy against fp32, 0.46 per-tensor.
+    # Per-channel scales: with 8-bit weights the sst2-minilm champion lost 0.23 points of dev accuracy against fp32, 0.46 per-tensor.
     # Reduced range (7-bit weights): on x86 CPUs without VNNI (AVX2 only) ONNX Runtime's uint8 x int8 kernel adds
     # pairs of products in 16 bits, which 8-bit weights overflow; there the same model gave other answers (README,
     # "int8 on CPUs without VNNI"). With |w| <= 64, 2 x 255 x 64 fits, and every CPU computes the same logits.
