@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
+
+import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
 from kdlib import __main__ as entry
+from kdlib import registry
 from kdlib.configure import build_config, settings
-from tests.conftest import ROOT, SMOKE, mlflow_run, printed_run_id
+from kdlib.teacher import run_teacher
+from tests.conftest import ROOT, SMOKE, mlflow_run, printed_run_id, subprocess_env, wait_for
 
 
 def test_help_lists_every_setting_and_the_jobs_short_names(capsys):
@@ -56,6 +63,40 @@ def test_no_job_and_ctrl_c_give_one_line(monkeypatch, capsys):
     monkeypatch.setitem(entry.JOBS, "teacher", entry.Job(interrupted, "interrupted"))
     assert entry.main(["teacher", "--experiment", str(SMOKE)]) == 130
     assert capsys.readouterr().err == "interrupted; rerun the same command to resume\n"
+
+
+def _model_versions(client: MlflowClient) -> set[tuple[str, str, tuple[str, ...]]]:
+    return {(v.name, v.version, tuple(sorted(v.aliases))) for m in client.search_registered_models() for v in client.search_model_versions(f"name='{m.name}'")}
+
+
+@pytest.mark.parametrize("job, epochs", [("teacher", "train.epochs"), ("distill", "distill.train.epochs")])
+def test_a_job_stopped_by_sigterm_mid_training_fails_its_run_and_registers_nothing(tmp_path, job, epochs):
+    """``kill`` or a scheduler's stop (SIGTERM) unwinds a job as Ctrl-C does: exit 130 with the resume
+    line, its MLflow run FAILED rather than left RUNNING, the registry as it was."""
+    if job == "distill":
+        run_teacher(build_config(SMOKE, {"train.epochs": "1", "data.max_eval_examples": "200"}))
+    client = MlflowClient()
+    registered = _model_versions(client)
+    command = [sys.executable, "-m", "kdlib", job, "--experiment", str(SMOKE), "data.max_eval_examples=200", f"{epochs}=500"]
+    process = subprocess.Popen(command, env=subprocess_env(tmp_path), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    def a_run_training():  # RUNNING, with an epoch's validation accuracy logged
+        experiments = [e.experiment_id for e in client.search_experiments()]
+        running = [r for r in client.search_runs(experiments, "attributes.status = 'RUNNING'") if registry.METRIC in r.data.metrics]
+        return running[0] if running else None
+
+    try:
+        stopped = wait_for(a_run_training, 300, f"the {job} job's first epoch")
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=120)
+    finally:
+        process.kill()  # when the test fails: nothing left training
+    assert process.returncode == 130, err[-3000:]
+    assert "interrupted; rerun the same command to resume" in err
+    assert client.get_run(stopped.info.run_id).info.status == "FAILED"
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    assert not client.search_runs(experiments, "attributes.status = 'RUNNING'")
+    assert _model_versions(client) == registered
 
 
 def test_mlflow_run_without_experiment_name_prints_the_run_that_holds_the_results(tmp_path):
