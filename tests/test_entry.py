@@ -66,7 +66,11 @@ def test_no_job_and_ctrl_c_give_one_line(monkeypatch, capsys):
 
 
 def _model_versions(client: MlflowClient) -> set[tuple[str, str, tuple[str, ...]]]:
-    return {(v.name, v.version, tuple(sorted(v.aliases))) for m in client.search_registered_models() for v in client.search_model_versions(f"name='{m.name}'")}
+    return {
+        (v.name, v.version, tuple(sorted(v.aliases)))
+        for m in client.search_registered_models()
+        for v in client.search_model_versions(f"name='{m.name}'")
+    }
 
 
 @pytest.mark.parametrize("job, epochs", [("teacher", "train.epochs"), ("distill", "distill.train.epochs")])
