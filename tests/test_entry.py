@@ -82,7 +82,9 @@ def test_a_job_stopped_by_sigterm_mid_training_fails_its_run_and_registers_nothi
     client = MlflowClient()
     registered = _model_versions(client)
     command = [sys.executable, "-m", "kdlib", job, "--experiment", str(SMOKE), "data.max_eval_examples=200", f"{epochs}=500"]
-    process = subprocess.Popen(command, env=subprocess_env(tmp_path), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "stderr.log"  # a file, not a pipe: the job's output cannot fill a pipe nobody reads while it trains
+    with log.open("w") as stderr:
+        process = subprocess.Popen(command, env=subprocess_env(tmp_path), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=stderr)
 
     def a_run_training():  # RUNNING, with an epoch's validation accuracy logged
         experiments = [e.experiment_id for e in client.search_experiments()]
@@ -92,9 +94,10 @@ def test_a_job_stopped_by_sigterm_mid_training_fails_its_run_and_registers_nothi
     try:
         stopped = wait_for(a_run_training, 300, f"the {job} job's first epoch")
         process.send_signal(signal.SIGTERM)
-        _, err = process.communicate(timeout=120)
+        process.wait(timeout=120)
     finally:
         process.kill()  # when the test fails: nothing left training
+    err = log.read_text()
     assert process.returncode == 130, err[-3000:]
     assert "interrupted; rerun the same command to resume" in err
     assert client.get_run(stopped.info.run_id).info.status == "FAILED"
