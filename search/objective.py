@@ -30,7 +30,6 @@ class Objective:
         self.cfg = cfg
         self.data = data
         self.study_name = study_name
-        self.surplus = False  # set when this worker found the study full; it then waits for room or the end
         self.places: dict[int, int] = {}  # Optuna trial number -> its place among the n_trials (1-based)
 
     def _check_place(self, trial: optuna.Trial) -> int:
@@ -40,7 +39,6 @@ class Objective:
         earlier = trial.study.get_trials(deepcopy=False, states=COUNTED)
         place = sum(t.number < trial.number for t in earlier) + 1
         if place > self.cfg.search.n_trials:
-            self.surplus = True
             raise SurplusTrial(f"trial {trial.number} is beyond n_trials={self.cfg.search.n_trials}")
         return place
 

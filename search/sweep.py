@@ -284,14 +284,16 @@ def _work(study: optuna.Study, objective: Objective, deadline: float | None, cal
     n_trials, waiting = objective.cfg.search.n_trials, False
     while finished(study) < n_trials and (deadline is None or time.monotonic() < deadline):
         recover_dead_local_trials(study)  # before the trial, so this worker takes the retried one
-        if objective.surplus:
-            if not has_room(study, n_trials):
-                if not waiting:
-                    print(f"sweep: no trial left to start; waiting for other workers' trials ({finished(study)}/{n_trials} done)", flush=True)
-                waiting = True
-                wait_for_others(study)
-                continue
-            objective.surplus = waiting = False
+        # Looked at before asking: a trial asked for with every place taken can only end FAILED
+        # (SurplusTrial), one more failed trial in the study each time a worker finished before the
+        # others. Only two workers asking for the last place at once still make one.
+        if not has_room(study, n_trials):
+            if not waiting:
+                print(f"sweep: no trial left to start; waiting for other workers' trials ({finished(study)}/{n_trials} done)", flush=True)
+            waiting = True
+            wait_for_others(study)
+            continue
+        waiting = False
         study.optimize(objective, n_trials=1, catch=(NonFiniteLoss, SurplusTrial), callbacks=callbacks)
 
 

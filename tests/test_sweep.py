@@ -346,6 +346,8 @@ def test_a_worker_with_no_place_left_waits_for_the_running_trial_and_takes_its_r
     assert "sweep: no trial left to start; waiting for other workers' trials (0/1 done)" in capsys.readouterr().out
     (done,) = [t for t in trials("smoke-sweep") if t.state == TrialState.COMPLETE]
     assert RetryFailedTrialCallback.retried_trial_number(done) == other.number
+    # It asked for no trial while the study was full: the one failed trial is the dead worker's.
+    assert [t.number for t in trials("smoke-sweep") if t.state == TrialState.FAIL] == [other.number]
     assert result.finished == 1 and result.version is not None
 
 
