@@ -20,6 +20,7 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 
 import mlflow  # noqa: E402
 import pytest  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "experiments" / "smoke.yaml"
@@ -86,6 +87,12 @@ def unavailable(why: str) -> None:
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(f"{why}; CI must run this test")
     pytest.skip(why)
+
+
+def all_runs(filter_string: str = ""):
+    """Every run of every experiment in the test's MLflow store (``filter_string``: an MLflow run filter)."""
+    client = MlflowClient()
+    return client.search_runs([e.experiment_id for e in client.search_experiments()], filter_string)
 
 
 def wait_for(condition, timeout: float, what: str):

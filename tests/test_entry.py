@@ -14,7 +14,7 @@ from kdlib import __main__ as entry
 from kdlib import registry
 from kdlib.configure import build_config, settings
 from kdlib.teacher import run_teacher
-from tests.conftest import ROOT, SMOKE, mlflow_run, printed_run_id, subprocess_env, wait_for
+from tests.conftest import ROOT, SMOKE, all_runs, mlflow_run, printed_run_id, subprocess_env, wait_for
 
 
 def test_help_lists_every_setting_and_the_jobs_short_names(capsys):
@@ -87,8 +87,7 @@ def test_a_job_stopped_by_sigterm_mid_training_fails_its_run_and_registers_nothi
         process = subprocess.Popen(command, env=subprocess_env(tmp_path), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=stderr)
 
     def a_run_training():  # RUNNING, with an epoch's validation accuracy logged
-        experiments = [e.experiment_id for e in client.search_experiments()]
-        running = [r for r in client.search_runs(experiments, "attributes.status = 'RUNNING'") if registry.METRIC in r.data.metrics]
+        running = [r for r in all_runs("attributes.status = 'RUNNING'") if registry.METRIC in r.data.metrics]
         return running[0] if running else None
 
     try:
@@ -101,8 +100,7 @@ def test_a_job_stopped_by_sigterm_mid_training_fails_its_run_and_registers_nothi
     assert process.returncode == 130, err[-3000:]
     assert "interrupted; rerun the same command to resume" in err
     assert client.get_run(stopped.info.run_id).info.status == "FAILED"
-    experiments = [e.experiment_id for e in client.search_experiments()]
-    assert not client.search_runs(experiments, "attributes.status = 'RUNNING'")
+    assert not all_runs("attributes.status = 'RUNNING'")
     assert _model_versions(client) == registered
 
 

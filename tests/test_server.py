@@ -20,7 +20,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from search.study import RUN_ATTR, WORKER_ATTR
-from tests.conftest import SMOKE, subprocess_env, wait_for
+from tests.conftest import SMOKE, all_runs, subprocess_env, wait_for
 
 SECRET = "kd-secret"  # PostgreSQL here trusts loopback; the password only has to stay out of MLflow
 FAST = ["data.max_eval_examples=200", "train.epochs=2"]
@@ -93,11 +93,6 @@ def finish(process: subprocess.Popen, timeout: float = 600) -> str:
     out, err = process.communicate(timeout=timeout)
     assert process.returncode == 0, err[-3000:]
     return out
-
-
-def all_runs():
-    client = MlflowClient()
-    return client.search_runs([e.experiment_id for e in client.search_experiments()])
 
 
 def trials_of(optuna_url: str, study_name: str) -> list:

@@ -18,19 +18,14 @@ from kdlib.__main__ import main
 from kdlib.configure import build_config, parse_overrides
 from kdlib.data import load_splits
 from kdlib.errors import KDError
-from tests.conftest import SMOKE, mlflow_run, printed_run_id, write_tsv
+from tests.conftest import SMOKE, all_runs, mlflow_run, printed_run_id, write_tsv
 
 # Fewer, shorter epochs than the demo: these tests check plumbing, not accuracy.
 FAST = ["train.epochs=2", "data.max_eval_examples=200"]
 
 
-def all_runs(client: MlflowClient):
-    experiments = [e.experiment_id for e in client.search_experiments()]
-    return client.search_runs(experiments)
-
-
 def assert_nothing_half_made(client: MlflowClient):
-    assert all(r.info.status != "RUNNING" for r in all_runs(client))
+    assert all(r.info.status != "RUNNING" for r in all_runs())
     assert client.search_registered_models() == []
 
 
@@ -140,7 +135,7 @@ def test_failure_after_training_marks_run_failed_and_leaves_registry_unchanged(t
     with pytest.raises(RuntimeError, match="disk full"):
         teacher_job.run_teacher(build_config(SMOKE, parse_overrides(FAST + ["train.epochs=1"])))
     client = MlflowClient()
-    (run,) = all_runs(client)
+    (run,) = all_runs()
     assert run.info.status == "FAILED"
     assert client.search_registered_models() == []
 
@@ -198,7 +193,7 @@ def test_bad_input_under_mlflow_run_exits_non_zero_with_one_message(tmp_path):
     assert done.returncode != 0
     assert "error: config: train.learning_rate = -1.0 is out of range; expected a number > 0" in done.stderr
     client = MlflowClient()
-    assert [r.info.status for r in all_runs(client)] == ["FAILED"]  # the launcher's run, marked by mlflow run
+    assert [r.info.status for r in all_runs()] == ["FAILED"]  # the launcher's run, marked by mlflow run
     assert client.search_registered_models() == []
 
 

@@ -17,15 +17,10 @@ from optuna.trial import TrialState
 
 from kdlib.teacher import run_teacher
 from search.study import make_storage
-from tests.conftest import SMOKE, subprocess_env, wait_for
+from tests.conftest import SMOKE, all_runs, subprocess_env, wait_for
 from tests.test_sweep import config
 
 WORKER = [sys.executable, "-m", "kdlib", "sweep", "--experiment", str(SMOKE), "data.max_eval_examples=200", "report.latency_calls=0"]
-
-
-def all_runs():
-    client = MlflowClient()
-    return client.search_runs([e.experiment_id for e in client.search_experiments()])
 
 
 @pytest.fixture
