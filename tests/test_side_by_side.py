@@ -17,7 +17,7 @@ from kdlib.student import EVAL_LOGITS
 from search import space
 from search.benchmarks import side_by_side
 from search.study import make_storage, trial_runs
-from tests.conftest import swept_config
+from tests.conftest import SMOKE, swept_config
 
 SIDE = ["search.n_trials=2", "distill.transfer.copies=0", "search.space.distill.train.epochs.high=2"]
 
@@ -90,4 +90,44 @@ def test_what_the_recipe_cannot_do_is_refused_before_anything_runs(override, nam
 def test_project_only_settings_must_leave_data_teacher_and_student_shared():
     with pytest.raises(KDError, match=r"--project-only data\.max_train_examples: expected keys under distill\. or search\."):
         side_by_side.compare(swept_config(*SIDE), {"data.max_train_examples": "10"})
+    assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
+
+
+def test_seeds_run_one_comparison_per_sampler_seed_and_summarise_them():
+    cfg = swept_config(*SIDE)
+    results = side_by_side.over_seeds(cfg, {}, [3, 5], vary_training_seed=True)
+
+    runs = results["runs"]
+    assert [(run["search_seed"], run["training_seed"]) for run in runs] == [(3, cfg.distill.train.seed + 3), (5, cfg.distill.train.seed + 5)]
+    for run in runs:
+        study = optuna.load_study(study_name=run["project"]["study_name"], storage=make_storage(None)[0])
+        # Each run's sampler seed reached both sides: after the configured first trial, the same draws.
+        trials = [t.params for t in sorted(study.trials, key=lambda t: t.number)]
+        assert trials[1:] == [run["trainer_recipe"]["sampled"][str(number)] for number in range(len(trials) - 1)]
+        # and its training seed reached the project's trials
+        assert {r.data.params["distill.train.seed"] for r in trial_runs(cfg.name, run["project"]["study_name"])} == {str(run["training_seed"])}
+    assert runs[0]["trainer_recipe"]["sampled"] != runs[1]["trainer_recipe"]["sampled"]
+
+    summary = results["summary"]
+    speed_ups = [run["speed_up"] for run in runs]
+    differences = [run["eval_difference"]["difference"] for run in runs]
+    assert (summary["speed_up_min"], summary["speed_up_max"]) == (min(speed_ups), max(speed_ups))
+    assert summary["compared"] == 2 and summary["eval_difference_mean"] == pytest.approx(sum(differences) / 2)
+    assert summary["eval_difference_low"] <= summary["eval_difference_mean"] + 1e-12 <= summary["eval_difference_high"] + 2e-12
+    assert json.loads((side_by_side.OUT / "smoke-side-by-side-seeds.json").read_text()) == results
+    table = side_by_side.seeds_markdown(results)
+    assert f"| 3 / {cfg.distill.train.seed + 3} |" in table and f"| 5 / {cfg.distill.train.seed + 5} |" in table and "over 2 runs" in table
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--seeds", "1", "1"], "--seeds 1 1: expected two or more different sampler seeds"),
+        (["--seeds", "4"], "--seeds 4: expected two or more different sampler seeds"),
+        (["--vary-training-seed"], "--vary-training-seed: expected --seeds too"),
+    ],
+)
+def test_seeds_that_cannot_make_a_summary_are_refused_before_anything_runs(arguments, message, capsys):
+    assert side_by_side.main(["--experiment", str(SMOKE), *arguments]) == 2
+    assert message in capsys.readouterr().err
     assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []

@@ -20,6 +20,13 @@ to end. The two best trials (each chosen on validation) are
 compared sentence by sentence on the evaluation split (``kdlib.metrics.paired_gain``: the difference,
 its 95% paired-bootstrap interval and McNemar p), since single accuracies on a few hundred sentences
 differ by chance. Writes ``outputs/bench/<name>-side-by-side.json`` and prints a markdown table.
+
+One run is one draw: which settings the sampler draws and which trials the pruners stop move both
+figures by more than their difference. ``--seeds 0 1 2 3 4`` runs the comparison once per sampler
+seed (``search.seed``; with ``--vary-training-seed`` each run also trains both sides with
+``distill.train.seed`` + that seed), then summarises the runs: the speed-ups' range and the mean
+evaluation difference with its 95% t interval over the runs. Writes
+``outputs/bench/<name>-side-by-side-seeds.json`` (every run and the summary).
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -141,20 +149,84 @@ def compare(cfg: ExperimentConfig, project_only: dict[str, str] | None = None) -
     return results
 
 
+def over_seeds(cfg: ExperimentConfig, project_only: dict[str, str], seeds: list[int], vary_training_seed: bool) -> dict:
+    """``compare`` once per sampler seed, in order, then ``summarize``; also written to
+    ``outputs/bench/<name>-side-by-side-seeds.json``."""
+    if len(set(seeds)) != len(seeds) or len(seeds) < 2:
+        raise KDError(f"--seeds {' '.join(map(str, seeds))}: expected two or more different sampler seeds")
+    runs = []
+    for seed in seeds:
+        training = cfg.distill.train.seed + seed if vary_training_seed else cfg.distill.train.seed
+        run = compare(replace(cfg, {"search.seed": seed, "distill.train.seed": training}), project_only)
+        runs.append({"search_seed": seed, "training_seed": training} | run)
+    results = {"runs": runs, "summary": summarize(runs)}
+    (OUT / f"{cfg.name}-side-by-side-seeds.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
+def summarize(runs: list[dict]) -> dict:
+    """The speed-ups' range and median, and the evaluation difference's mean with its 95% t interval
+    over the runs that finished a trial on both sides (each run's own interval is in its ``eval_difference``)."""
+    from scipy import stats
+
+    speed_ups = [run["speed_up"] for run in runs]
+    differences = [run["eval_difference"]["difference"] for run in runs if run["eval_difference"] is not None]
+    summary = {
+        "runs": len(runs),
+        "speed_up_min": min(speed_ups),
+        "speed_up_median": statistics.median(speed_ups),
+        "speed_up_max": max(speed_ups),
+        "compared": len(differences),
+        "eval_difference_mean": statistics.fmean(differences) if differences else None,
+        "eval_difference_low": None,
+        "eval_difference_high": None,
+    }
+    if len(differences) >= 2:
+        interval = stats.ttest_1samp(differences, 0.0).confidence_interval(0.95)
+        summary |= {"eval_difference_low": float(interval.low), "eval_difference_high": float(interval.high)}
+    return summary
+
+
+def seeds_markdown(results: dict) -> str:
+    """One row per run, then the summary line."""
+    rows = [
+        "| sampler / training seed | speed-up | trials finished, project / recipe | best evaluation, project / recipe "
+        "| evaluation, project's best minus recipe's (95% paired interval; McNemar p) |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for run in results["runs"]:
+        ours, theirs = run["project"], run["trainer_recipe"]
+        best = " / ".join("none" if side["best_eval_accuracy"] is None else f"{side['best_eval_accuracy']:.4f}" for side in (ours, theirs))
+        rows.append(
+            f"| {run['search_seed']} / {run['training_seed']} | {run['speed_up']:.2f}x | {ours['finished']} / {theirs['finished']} | {best} "
+            f"| {_difference(run['eval_difference'])} |"
+        )
+    summary = results["summary"]
+    line = f"speed-up {summary['speed_up_min']:.2f}-{summary['speed_up_max']:.2f}x (median {summary['speed_up_median']:.2f}x) over {summary['runs']} runs"
+    if summary["eval_difference_low"] is not None:
+        line += (
+            f"; evaluation, project's best minus recipe's: mean {100 * summary['eval_difference_mean']:+.2f} points "
+            f"(95% t interval {100 * summary['eval_difference_low']:+.2f} to {100 * summary['eval_difference_high']:+.2f}) over {summary['compared']} runs"
+        )
+    return "\n".join([*rows, "", line])
+
+
+def _difference(gain: dict | None) -> str:
+    """A run's ``eval_difference`` in words."""
+    if gain is None:
+        return "no finished trial on a side"
+    points = {key: 100 * gain[key] for key in ("difference", "low", "high")}
+    return (
+        f"{points['difference']:+.2f} points ({points['low']:+.2f} to {points['high']:+.2f}; p = {gain['p_value']:.3f}; "
+        f"{gain['a_only']} sentences only the project's gets right, {gain['b_only']} only the recipe's)"
+    )
+
+
 def markdown(results: dict) -> str:
     ours, theirs = results["project"], results["trainer_recipe"]
 
     def accuracy(side: dict) -> str:
         return "none finished" if side["best_val_accuracy"] is None else f"{side['best_val_accuracy']:.4f} / {side['best_eval_accuracy']:.4f}"
-
-    def difference(gain: dict | None) -> str:
-        if gain is None:
-            return "no finished trial on a side"
-        points = {key: 100 * gain[key] for key in ("difference", "low", "high")}
-        return (
-            f"{points['difference']:+.2f} points ({points['low']:+.2f} to {points['high']:+.2f}; p = {gain['p_value']:.3f}; "
-            f"{gain['a_only']} sentences only the project's gets right, {gain['b_only']} only the recipe's)"
-        )
 
     rows = [
         (
@@ -169,7 +241,7 @@ def markdown(results: dict) -> str:
             f"{theirs['finished']} of {results['n_trials']}",
         ),
         ("best trial: validation / evaluation accuracy", accuracy(ours), accuracy(theirs)),
-        ("best trial against best trial, evaluation accuracy (95% paired interval; McNemar p)", difference(results["eval_difference"]), ""),
+        ("best trial against best trial, evaluation accuracy (95% paired interval; McNemar p)", _difference(results["eval_difference"]), ""),
         ("**speed-up**", f"**{results['speed_up']:.2f}x**", "1x"),
     ]
     if results["project_only"]:
@@ -182,10 +254,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m search.benchmarks.side_by_side", description=__doc__.split("\n\n")[0])
     parser.add_argument("--experiment", default=DEFAULT_EXPERIMENT)
     parser.add_argument("--project-only", action="append", default=[], metavar="KEY=VALUE", help="a setting for this project's sweep alone")
+    parser.add_argument("--seeds", type=int, nargs="+", metavar="SEED", help="run once per sampler seed (search.seed), then summarise the runs")
+    parser.add_argument(
+        "--vary-training-seed", action="store_true", help="with --seeds: both sides also train with distill.train.seed + the sampler seed"
+    )
     args, rest = parser.parse_known_args(argv)
     try:
+        if args.vary_training_seed and not args.seeds:
+            raise KDError("--vary-training-seed: expected --seeds too (it adds each run's sampler seed to distill.train.seed)")
         cfg = build_config(args.experiment, parse_overrides(rest))
-        print(markdown(compare(cfg, parse_overrides(args.project_only))))
+        project_only = parse_overrides(args.project_only)
+        if args.seeds:
+            print(seeds_markdown(over_seeds(cfg, project_only, args.seeds, args.vary_training_seed)))
+        else:
+            print(markdown(compare(cfg, project_only)))
     except KDError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
