@@ -93,9 +93,10 @@ def test_project_only_settings_must_leave_data_teacher_and_student_shared():
     assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
 
 
-def test_seeds_run_one_comparison_per_sampler_seed_and_summarise_them():
+def test_seeds_run_one_comparison_per_sampler_seed_and_summarise_them(capsys):
     cfg = swept_config(*SIDE)
     results = side_by_side.over_seeds(cfg, {}, [3, 5], vary_training_seed=True)
+    printed = capsys.readouterr().out
 
     runs = results["runs"]
     assert [(run["search_seed"], run["training_seed"]) for run in runs] == [(3, cfg.distill.train.seed + 3), (5, cfg.distill.train.seed + 5)]
@@ -115,6 +116,8 @@ def test_seeds_run_one_comparison_per_sampler_seed_and_summarise_them():
     assert summary["compared"] == 2 and summary["eval_difference_mean"] == pytest.approx(sum(differences) / 2)
     assert summary["eval_difference_low"] <= summary["eval_difference_mean"] + 1e-12 <= summary["eval_difference_high"] + 2e-12
     assert json.loads((side_by_side.OUT / "smoke-side-by-side-seeds.json").read_text()) == results
+    # each run's own table as it ended, before the summary
+    assert all(f"sampler seed {run['search_seed']}, training seed {run['training_seed']}:\n{side_by_side.markdown(run)}" in printed for run in runs)
     table = side_by_side.seeds_markdown(results)
     assert f"| 3 / {cfg.distill.train.seed + 3} |" in table and f"| 5 / {cfg.distill.train.seed + 5} |" in table and "over 2 runs" in table
 

@@ -150,8 +150,9 @@ def compare(cfg: ExperimentConfig, project_only: dict[str, str] | None = None) -
 
 
 def over_seeds(cfg: ExperimentConfig, project_only: dict[str, str], seeds: list[int], vary_training_seed: bool) -> dict:
-    """``compare`` once per sampler seed, in order, then ``summarize``; also written to
-    ``outputs/bench/<name>-side-by-side-seeds.json``."""
+    """``compare`` once per sampler seed, in order, then ``summarize``. Each run's table is printed as it
+    ends, and ``outputs/bench/<name>-side-by-side-seeds.json`` is rewritten with the runs so far, so an
+    interrupted series keeps what it measured."""
     if len(set(seeds)) != len(seeds) or len(seeds) < 2:
         raise KDError(f"--seeds {' '.join(map(str, seeds))}: expected two or more different sampler seeds")
     runs = []
@@ -159,8 +160,9 @@ def over_seeds(cfg: ExperimentConfig, project_only: dict[str, str], seeds: list[
         training = cfg.distill.train.seed + seed if vary_training_seed else cfg.distill.train.seed
         run = compare(replace(cfg, {"search.seed": seed, "distill.train.seed": training}), project_only)
         runs.append({"search_seed": seed, "training_seed": training} | run)
-    results = {"runs": runs, "summary": summarize(runs)}
-    (OUT / f"{cfg.name}-side-by-side-seeds.json").write_text(json.dumps(results, indent=2))
+        print(f"sampler seed {seed}, training seed {training}:\n{markdown(run)}\n", flush=True)
+        results = {"runs": runs, "summary": summarize(runs)}
+        (OUT / f"{cfg.name}-side-by-side-seeds.json").write_text(json.dumps(results, indent=2))
     return results
 
 
