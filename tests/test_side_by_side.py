@@ -105,8 +105,14 @@ def test_seeds_run_one_comparison_per_sampler_seed_and_summarise_them(capsys):
         # Each run's sampler seed reached both sides: after the configured first trial, the same draws.
         trials = [t.params for t in sorted(study.trials, key=lambda t: t.number)]
         assert trials[1:] == [run["trainer_recipe"]["sampled"][str(number)] for number in range(len(trials) - 1)]
-        # and its training seed reached the project's trials
+        # and its training seed reached both sides' trials
         assert {r.data.params["distill.train.seed"] for r in trial_runs(cfg.name, run["project"]["study_name"])} == {str(run["training_seed"])}
+        recipe_trials = mlflow.search_runs(
+            experiment_names=["smoke-trainer-recipe"],
+            filter_string=f"tags.mlflow.parentRunId = '{run['trainer_recipe']['run_id']}'",
+            output_format="list",
+        )
+        assert recipe_trials and {r.data.params["seed"] for r in recipe_trials} == {str(run["training_seed"])}
     assert runs[0]["trainer_recipe"]["sampled"] != runs[1]["trainer_recipe"]["sampled"]
 
     summary = results["summary"]
