@@ -26,7 +26,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, get_linear_schedule_with_warmup
 
-from kdlib import attention, dropout, embedding_gradient, precision
+from kdlib import attention, dropout, embedding_gradient, precision, threads
 from kdlib.config import TrainConfig
 from kdlib.errors import KDError
 
@@ -220,6 +220,7 @@ def train_epoch(
     # disable=None: no bar when not a TTY (fit then prints one line per epoch)
     bar = tqdm(train_loader, desc=desc, disable=None if accelerator.is_local_main_process else True, leave=False)
     for step, batch in enumerate(bar, start=1):
+        threads.take_part()  # a sweep's last trials take the threads of its workers that have none left
         with accelerator.accumulate(model):
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             loss, parts = loss_fn(logits, batch)

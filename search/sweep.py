@@ -23,7 +23,7 @@ import optuna
 import torch
 from optuna.trial import FrozenTrial, TrialState
 
-from kdlib import registry, tracking
+from kdlib import registry, threads, tracking
 from kdlib.config import ExperimentConfig
 from kdlib.configure import replace
 from kdlib.errors import interrupt_on
@@ -187,29 +187,29 @@ def worker_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, index]).generate_state(1)[0] >> 1)
 
 
-def _start_local_worker(cfg: ExperimentConfig, index: int, workers: Workers) -> multiprocessing.Process:
+def _start_local_worker(cfg: ExperimentConfig, index: int, workers: Workers, share: threads.Share) -> multiprocessing.Process:
     # Spawned, not forked: a fork would copy this process's torch thread pools and MLflow state.
     worker = multiprocessing.get_context("spawn").Process(
-        target=_local_worker, args=(replace(cfg, {"search.seed": worker_seed(cfg.search.seed, index)}), workers)
+        target=_local_worker, args=(replace(cfg, {"search.seed": worker_seed(cfg.search.seed, index)}), workers, share)
     )
     worker.start()
     return worker
 
 
-def _local_worker(cfg: ExperimentConfig, workers: Workers) -> None:
+def _local_worker(cfg: ExperimentConfig, workers: Workers, share: threads.Share) -> None:
     # Stopped by its launcher (SIGTERM) or by Ctrl-C with it: either way it unwinds once, as the launcher does.
     interrupt_on(signal.SIGTERM, signal.SIGINT)
     # Its own sweep run under the study's root: the launcher's run belongs to the first process.
     os.environ.pop(tracking.LAUNCHER_RUN, None)
     # Set before `_sweep` sets it again: its data preparation runs beside the launcher's first trial.
     torch.set_num_threads(workers.threads)
-    _sweep(cfg, workers)
+    _sweep(cfg, workers, share)
 
 
-def _sweep(cfg: ExperimentConfig, workers: Workers | None) -> SweepResult | None:
+def _sweep(cfg: ExperimentConfig, workers: Workers | None, share: threads.Share | None = None) -> SweepResult | None:
     """One worker's part of the sweep. The launcher (``workers`` None) picks the local workers once the
     study is open, starts the others once its root run exists, waits for them, and alone registers the
-    best trial; a local worker gets the launcher's pick."""
+    best trial; a local worker gets the launcher's pick and its share of the machine's threads."""
     launcher = workers is None
     storage, url = make_storage(cfg.search.storage)
     name = study_name(cfg)
@@ -231,9 +231,9 @@ def _sweep(cfg: ExperimentConfig, workers: Workers | None) -> SweepResult | None
             _attach_to_root(study, run.info.run_id)
             register_worker(study, run.info.run_id)
             total = torch.get_num_threads()
-            others = [_start_local_worker(cfg, i, workers) for i in range(1, workers.count)] if launcher else []
+            share = share or threads.Share.of(total, workers.count)
+            others = [_start_local_worker(cfg, i, workers, share) for i in range(1, workers.count)] if launcher else []
             with _stopping_on_failure(others):
-                torch.set_num_threads(workers.threads)
                 tracking.log_params(
                     {
                         "search.n_trials": cfg.search.n_trials,
@@ -249,7 +249,8 @@ def _sweep(cfg: ExperimentConfig, workers: Workers | None) -> SweepResult | None
                     }
                 )
                 deadline = time.monotonic() + cfg.search.timeout if cfg.search.timeout else None
-                _work(study, objective, deadline, [_log_best, progress])
+                with threads.joined(share):
+                    _work(study, objective, deadline, [_log_best, progress])
                 for worker in others:
                     worker.join()
             torch.set_num_threads(total)  # the plain student runs alone
@@ -291,9 +292,11 @@ def _work(study: optuna.Study, objective: Objective, deadline: float | None, cal
             if not waiting:
                 print(f"sweep: no trial left to start; waiting for other workers' trials ({finished(study)}/{n_trials} done)", flush=True)
             waiting = True
+            threads.rest()  # its threads go to the trials still training
             wait_for_others(study)
             continue
         waiting = False
+        threads.resume()
         study.optimize(objective, n_trials=1, catch=(NonFiniteLoss, SurplusTrial), callbacks=callbacks)
 
 
