@@ -36,7 +36,7 @@ def test_a_process_takes_the_threads_its_share_s_other_process_no_longer_trains_
         torch.set_num_threads(before)
 
 
-def test_training_takes_the_freed_threads_between_steps(tmp_path):
+def test_training_takes_the_freed_threads_between_steps(tmp_path, capsys):
     before = torch.get_num_threads()
     splits = demo_splits(max_train=400)
     clf = tiny_classifier(splits.train.texts)
@@ -51,3 +51,4 @@ def test_training_takes_the_freed_threads_between_steps(tmp_path):
     finally:
         torch.set_num_threads(before)
     assert seen == [1, 2]
+    assert "threads: this process trains on 2 of the 2 threads now (1 of its sweep's processes training)" in capsys.readouterr().out
