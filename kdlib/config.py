@@ -266,7 +266,7 @@ class SearchConfig:
     storage: Optuna storage: a journal file path or a database URL such as postgresql://... (null: a journal beside the MLflow store)
     pruner: median, hyperband or none
     seed: seed of the TPE sampler (give each worker its own)
-    workers: trial processes this command runs on this machine, sharing the study; CPU threads are split between them (null: 2 on a CPU with 2 or more threads, several sharing a GPU as its free memory and the CPU threads allow; never more than the trials left to run)
+    workers: trial processes this command runs on this machine, sharing the study; CPU threads are split between those training, so a worker with no trial left gives its threads to the others (null: 2 on a CPU with 2 or more threads, several sharing a GPU as its free memory and the CPU threads allow; never more than the trials left to run)
     plain_baseline: after the trials, train the plain student (alpha 0, no transfer set, the best trial's other settings) and log distillation_gain
     start_from_config: a new study's first trial runs the experiment's own values of the searched settings (those inside their ranges; the others sampled)
     space: dotted distill.* key -> {low, high, log} or {choices}; an entry narrows the default field by field, null removes it
