@@ -170,7 +170,7 @@ def local_workers(requested: int | None, left: int, parameters: int) -> Workers:
 
 def run_sweep(cfg: ExperimentConfig) -> SweepResult:
     """The sweep: ``local_workers`` trial processes on this machine share the study, the CPU threads
-    split evenly between them. This process is one of them, waits for the others, and alone registers
+    split between those training (``kdlib/threads.py``). This process is one of them, waits for the others, and alone registers
     the best trial and moves the champion."""
     space.validate(cfg)
     threads = torch.get_num_threads()
