@@ -78,4 +78,7 @@ def take_part() -> None:
     """Between two training steps: this process's part of its share's threads, if it is in one."""
     if _share is not None and (part := _share.part()) != torch.get_num_threads():
         torch.set_num_threads(part)
-        print(f"threads: this process trains on {part} of the {_share.threads} threads now ({_share.training.value} of its sweep's processes training)", flush=True)
+        print(
+            f"threads: this process trains on {part} of the {_share.threads} threads now ({_share.training.value} of its sweep's processes training)",
+            flush=True,
+        )
