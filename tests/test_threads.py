@@ -46,7 +46,7 @@ def test_training_takes_the_freed_threads_between_steps(tmp_path, capsys):
     try:
         with threads.joined(share):
             fit_one_epoch(clf, encoded, on_epoch_end=lambda epoch, metrics: seen.append(torch.get_num_threads()))
-            share.training.value -= 1  # as another process of the share does when it has no trial left
+            share.count(-1)  # as another process of the share does when it has no trial left
             fit_one_epoch(clf, encoded, on_epoch_end=lambda epoch, metrics: seen.append(torch.get_num_threads()))
     finally:
         torch.set_num_threads(before)
