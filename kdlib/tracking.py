@@ -99,6 +99,22 @@ def child_run(run_name: str, role: str, tags: dict[str, str], finished_on: tuple
         mlflow.end_run(status)
 
 
+@contextlib.contextmanager
+def ending_runs_left_open() -> Iterator[None]:
+    """Runs that the code inside opens on MLflow's stack and leaves open when it raises end with it:
+    KILLED on Ctrl-C, FAILED otherwise. A library's callback may open a run per trial and end it only
+    at the trial's end (the Trainer's MLflow callback); left on the stack, it would take the end
+    meant for the run around it, which would stay RUNNING."""
+    outer = mlflow.active_run()
+    try:
+        yield
+    except BaseException as exc:
+        status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+        while (top := mlflow.active_run()) is not None and (outer is None or top.info.run_id != outer.info.run_id):
+            mlflow.end_run(status)
+        raise
+
+
 def active_run_id() -> str:
     return mlflow.active_run().info.run_id
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import signal
 import statistics
 import sys
 import tempfile
@@ -43,7 +44,7 @@ from kdlib import logits_cache, registry, tracking
 from kdlib.config import ExperimentConfig
 from kdlib.configure import build_config, parse_overrides, replace
 from kdlib.data import load_split
-from kdlib.errors import KDError
+from kdlib.errors import KDError, interrupt_on
 from kdlib.metrics import paired_gain
 from kdlib.student import EVAL_LOGITS, prepare, transfer_data
 from kdlib.teacher import run_teacher
@@ -266,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
             raise KDError("--vary-training-seed: expected --seeds too (it adds each run's sampler seed to distill.train.seed)")
         cfg = build_config(args.experiment, parse_overrides(rest))
         project_only = parse_overrides(args.project_only)
+        interrupt_on(signal.SIGTERM)  # stopped by kill as by Ctrl-C: every run it opened ends, none left RUNNING
         if args.seeds:
             print(seeds_markdown(over_seeds(cfg, project_only, args.seeds, args.vary_training_seed)))
         else:
@@ -273,6 +275,9 @@ def main(argv: list[str] | None = None) -> int:
     except KDError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted; the runs finished so far are in outputs/bench/", file=sys.stderr)
+        return 130
     return 0
 
 
