@@ -7,6 +7,7 @@ import glob
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -104,6 +105,21 @@ def wait_for(condition, timeout: float, what: str):
             return value
         time.sleep(0.2)
     pytest.fail(f"timed out after {timeout}s waiting for {what}")
+
+
+def stopped_by_sigterm(command: list[str], tmp_path: Path, condition, timeout: float, what: str):
+    """Start ``command`` (from ``tmp_path``, its stderr in a file), wait until ``condition`` holds, send
+    SIGTERM and wait for the process to end. Returns (exit status, its stderr, the condition's value)."""
+    log = tmp_path / "stderr.log"  # a file, not a pipe: nobody reads a pipe while the command trains
+    with log.open("w") as stderr:
+        process = subprocess.Popen(command, env=subprocess_env(tmp_path), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=stderr)
+    try:
+        seen = wait_for(condition, timeout, what)
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=120)
+    finally:
+        process.kill()  # when the test fails: nothing left training
+    return process.returncode, log.read_text(), seen
 
 
 def _postgres_bin() -> Path | None:

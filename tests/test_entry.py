@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import signal
-import subprocess
 import sys
 
 import pytest
@@ -14,7 +12,7 @@ from kdlib import __main__ as entry
 from kdlib import registry
 from kdlib.configure import build_config, settings
 from kdlib.teacher import run_teacher
-from tests.conftest import ROOT, SMOKE, all_runs, mlflow_run, printed_run_id, subprocess_env, wait_for
+from tests.conftest import ROOT, SMOKE, all_runs, mlflow_run, printed_run_id, stopped_by_sigterm
 
 
 def test_help_lists_every_setting_and_the_jobs_short_names(capsys):
@@ -82,22 +80,13 @@ def test_a_job_stopped_by_sigterm_mid_training_fails_its_run_and_registers_nothi
     client = MlflowClient()
     registered = _model_versions(client)
     command = [sys.executable, "-m", "kdlib", job, "--experiment", str(SMOKE), "data.max_eval_examples=200", f"{epochs}=500"]
-    log = tmp_path / "stderr.log"  # a file, not a pipe: the job's output cannot fill a pipe nobody reads while it trains
-    with log.open("w") as stderr:
-        process = subprocess.Popen(command, env=subprocess_env(tmp_path), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=stderr)
 
     def a_run_training():  # RUNNING, with an epoch's validation accuracy logged
         running = [r for r in all_runs("attributes.status = 'RUNNING'") if registry.METRIC in r.data.metrics]
         return running[0] if running else None
 
-    try:
-        stopped = wait_for(a_run_training, 300, f"the {job} job's first epoch")
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=120)
-    finally:
-        process.kill()  # when the test fails: nothing left training
-    err = log.read_text()
-    assert process.returncode == 130, err[-3000:]
+    returncode, err, stopped = stopped_by_sigterm(command, tmp_path, a_run_training, 300, f"the {job} job's first epoch")
+    assert returncode == 130, err[-3000:]
     assert "interrupted; rerun the same command to resume" in err
     assert client.get_run(stopped.info.run_id).info.status == "FAILED"
     assert not all_runs("attributes.status = 'RUNNING'")

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
 import sys
 
 import mlflow
@@ -20,7 +18,7 @@ from kdlib.student import EVAL_LOGITS
 from search import space
 from search.benchmarks import side_by_side
 from search.study import make_storage, trial_runs
-from tests.conftest import SMOKE, all_runs, subprocess_env, swept_config, wait_for
+from tests.conftest import SMOKE, all_runs, stopped_by_sigterm, swept_config
 
 SIDE = ["search.n_trials=2", "distill.transfer.copies=0", "search.space.distill.train.epochs.high=2"]
 
@@ -154,23 +152,14 @@ def test_a_side_by_side_stopped_by_sigterm_in_the_recipe_ends_every_run_it_opene
         "search.n_trials=2", "distill.transfer.copies=0", "data.max_eval_examples=200",
         "search.space.distill.train.epochs.low=500", "search.space.distill.train.epochs.high=500",
     ]  # fmt: skip
-    log = tmp_path / "stderr.log"  # a file, not a pipe: nobody reads a pipe while it trains
-    with log.open("w") as stderr:
-        process = subprocess.Popen(command, env=subprocess_env(tmp_path), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=stderr)
 
     def a_recipe_trial_training():  # RUNNING, with an epoch's validation accuracy logged by the Trainer
         runs = mlflow.search_runs(experiment_names=["smoke-trainer-recipe"], filter_string="attributes.status = 'RUNNING'", output_format="list")
         trials = [r for r in runs if "mlflow.parentRunId" in r.data.tags and "eval_accuracy" in r.data.metrics]
         return trials[0] if trials else None
 
-    try:
-        trial = wait_for(a_recipe_trial_training, 300, "the recipe's first epoch")
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=120)
-    finally:
-        process.kill()  # when the test fails: nothing left training
-    err = log.read_text()
-    assert process.returncode == 130, err[-3000:]
+    returncode, err, trial = stopped_by_sigterm(command, tmp_path, a_recipe_trial_training, 300, "the recipe's first epoch")
+    assert returncode == 130, err[-3000:]
     assert "interrupted" in err
     client = mlflow.MlflowClient()
     assert client.get_run(trial.info.run_id).info.status == "KILLED"
