@@ -32,9 +32,10 @@ class Share:
         It reaches the other processes as an argument of their start (``multiprocessing``'s spawn)."""
         return cls(threads, multiprocessing.get_context("spawn").Value("i", processes))
 
-    def part(self) -> int:
-        """The threads of one process that trains: the machine's over the processes training, at least one."""
-        return max(1, self.threads // max(1, self.training.value))
+    def part(self, training: int | None = None) -> int:
+        """The threads of one process that trains: the machine's over the processes training (those
+        training now, or ``training``), at least one."""
+        return max(1, self.threads // max(1, self.training.value if training is None else training))
 
     def count(self, change: int) -> None:
         with self.training.get_lock():

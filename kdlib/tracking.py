@@ -48,7 +48,7 @@ def tracking_uri() -> str:
 
 @contextlib.contextmanager
 def job_run(experiment: str, role: str, tags: dict[str, str] | None = None, run_name: str | None = None) -> Iterator[mlflow.ActiveRun]:
-    """The MLflow run a job logs to; FAILED if the job raises.
+    """The MLflow run a job logs to; FAILED if the job raises, with the runs left open above it (``_ending_runs_above``).
 
     Under ``mlflow run`` it is the launcher's run, the one ``mlflow run`` prints, in whichever
     MLflow experiment ``--experiment-name`` chose (else "Default"); a second job of the same command
@@ -62,18 +62,40 @@ def job_run(experiment: str, role: str, tags: dict[str, str] | None = None, run_
         _launcher_used = launcher
         experiment_id = MlflowClient().get_run(launcher).info.experiment_id
         mlflow.set_experiment(experiment_id=experiment_id)
-        with mlflow.start_run(run_id=launcher) as run:
+        with mlflow.start_run(run_id=launcher) as run, _ending_runs_above(run):
             mlflow.set_tags({**tags, "mlflow.runName": run_name})
             yield run
         return
     if launcher:
         # Reopen the launcher's run as the parent, so this job's run nests under what `mlflow run` printed.
-        with mlflow.start_run(run_id=launcher), mlflow.start_run(run_name=run_name, tags=tags, nested=True) as run:
+        with mlflow.start_run(run_id=launcher), mlflow.start_run(run_name=run_name, tags=tags, nested=True) as run, _ending_runs_above(run):
             yield run
         return
     experiment_id = mlflow.set_experiment(experiment).experiment_id
-    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags) as run:
+    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags) as run, _ending_runs_above(run):
         yield run
+
+
+def _ended(exc: BaseException | None, finished_on: tuple[type[BaseException], ...] = ()) -> str:
+    """The status of a run whose block ended with ``exc``: FINISHED without one or on one of
+    ``finished_on``, KILLED on Ctrl-C, FAILED otherwise."""
+    if exc is None or isinstance(exc, finished_on):
+        return "FINISHED"
+    return "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+
+
+@contextlib.contextmanager
+def _ending_runs_above(run: mlflow.ActiveRun) -> Iterator[None]:
+    """Runs that the job opens above its own on MLflow's stack and leaves open when it raises end with
+    it (``_ended``). A library's callback may open a run per trial and end it only at the trial's end
+    (the Trainer's MLflow callback); left on the stack, it would take the end meant for the job's run,
+    which would stay RUNNING."""
+    try:
+        yield
+    except BaseException as exc:
+        while (top := mlflow.active_run()) is not None and top.info.run_id != run.info.run_id:
+            mlflow.end_run(_ended(exc))
+        raise
 
 
 @contextlib.contextmanager
@@ -85,34 +107,14 @@ def child_run(run_name: str, role: str, tags: dict[str, str], finished_on: tuple
     parent_tags = MlflowClient().get_run(parent.info.run_id).data.tags
     inherited = {EXPERIMENT_TAG: parent_tags[EXPERIMENT_TAG]} if EXPERIMENT_TAG in parent_tags else {}
     run = mlflow.start_run(run_name=run_name, nested=True, tags={**inherited, **tags, ROLE_TAG: role}, experiment_id=parent.info.experiment_id)
-    status = "FAILED"
+    exc = None
     try:
         yield run
-        status = "FINISHED"
-    except finished_on:
-        status = "FINISHED"
-        raise
-    except KeyboardInterrupt:
-        status = "KILLED"
+    except BaseException as raised:
+        exc = raised
         raise
     finally:
-        mlflow.end_run(status)
-
-
-@contextlib.contextmanager
-def ending_runs_left_open() -> Iterator[None]:
-    """Runs that the code inside opens on MLflow's stack and leaves open when it raises end with it:
-    KILLED on Ctrl-C, FAILED otherwise. A library's callback may open a run per trial and end it only
-    at the trial's end (the Trainer's MLflow callback); left on the stack, it would take the end
-    meant for the run around it, which would stay RUNNING."""
-    outer = mlflow.active_run()
-    try:
-        yield
-    except BaseException as exc:
-        status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
-        while (top := mlflow.active_run()) is not None and (outer is None or top.info.run_id != outer.info.run_id):
-            mlflow.end_run(status)
-        raise
+        mlflow.end_run(_ended(exc, finished_on))
 
 
 def active_run_id() -> str:

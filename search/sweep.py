@@ -122,11 +122,16 @@ class _Progress:
 
 @dataclass(frozen=True)
 class Workers:
-    """How many trial processes this command runs, the CPU threads each gets, and why."""
+    """How many trial processes this command runs, why, and the machine's CPU threads they share."""
 
     count: int
-    threads: int
     reason: str
+    share: threads.Share
+
+    @property
+    def threads(self) -> int:
+        """The CPU threads of each trial process while all of them train."""
+        return self.share.part(self.count)
 
 
 # Several trials on one GPU (README, "Several trials on one GPU"): on an H200 one trial kept the GPU
@@ -165,7 +170,7 @@ def local_workers(requested: int | None, left: int, parameters: int) -> Workers:
         count, reason = 1, "auto: fewer than 2 trials left to run"
     else:
         count, reason = 2, f"auto: {total} CPU threads; two trials at once finish more per hour than one with all threads"
-    return Workers(count, max(1, total // count), reason)
+    return Workers(count, reason, threads.Share.of(total, count))
 
 
 def run_sweep(cfg: ExperimentConfig) -> SweepResult:
@@ -187,26 +192,26 @@ def worker_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, index]).generate_state(1)[0] >> 1)
 
 
-def _start_local_worker(cfg: ExperimentConfig, index: int, workers: Workers, share: threads.Share) -> multiprocessing.Process:
+def _start_local_worker(cfg: ExperimentConfig, index: int, workers: Workers) -> multiprocessing.Process:
     # Spawned, not forked: a fork would copy this process's torch thread pools and MLflow state.
     worker = multiprocessing.get_context("spawn").Process(
-        target=_local_worker, args=(replace(cfg, {"search.seed": worker_seed(cfg.search.seed, index)}), workers, share)
+        target=_local_worker, args=(replace(cfg, {"search.seed": worker_seed(cfg.search.seed, index)}), workers)
     )
     worker.start()
     return worker
 
 
-def _local_worker(cfg: ExperimentConfig, workers: Workers, share: threads.Share) -> None:
+def _local_worker(cfg: ExperimentConfig, workers: Workers) -> None:
     # Stopped by its launcher (SIGTERM) or by Ctrl-C with it: either way it unwinds once, as the launcher does.
     interrupt_on(signal.SIGTERM, signal.SIGINT)
     # Its own sweep run under the study's root: the launcher's run belongs to the first process.
     os.environ.pop(tracking.LAUNCHER_RUN, None)
     # Set before `_sweep` sets it again: its data preparation runs beside the launcher's first trial.
     torch.set_num_threads(workers.threads)
-    _sweep(cfg, workers, share)
+    _sweep(cfg, workers)
 
 
-def _sweep(cfg: ExperimentConfig, workers: Workers | None, share: threads.Share | None = None) -> SweepResult | None:
+def _sweep(cfg: ExperimentConfig, workers: Workers | None) -> SweepResult | None:
     """One worker's part of the sweep. The launcher (``workers`` None) picks the local workers once the
     study is open, starts the others once its root run exists, waits for them, and alone registers the
     best trial; a local worker gets the launcher's pick and its share of the machine's threads."""
@@ -230,9 +235,7 @@ def _sweep(cfg: ExperimentConfig, workers: Workers | None, share: threads.Share 
         with tracking.job_run(cfg.name, registry.Role.SWEEP, {STUDY_TAG: name, "optuna.storage": url}) as run:
             _attach_to_root(study, run.info.run_id)
             register_worker(study, run.info.run_id)
-            total = torch.get_num_threads()
-            share = share or threads.Share.of(total, workers.count)
-            others = [_start_local_worker(cfg, i, workers, share) for i in range(1, workers.count)] if launcher else []
+            others = [_start_local_worker(cfg, i, workers) for i in range(1, workers.count)] if launcher else []
             with _stopping_on_failure(others):
                 tracking.log_params(
                     {
@@ -249,11 +252,11 @@ def _sweep(cfg: ExperimentConfig, workers: Workers | None, share: threads.Share 
                     }
                 )
                 deadline = time.monotonic() + cfg.search.timeout if cfg.search.timeout else None
-                with threads.joined(share):
+                with threads.joined(workers.share):
                     _work(study, objective, deadline, [_log_best, progress])
                 for worker in others:
                     worker.join()
-            torch.set_num_threads(total)  # the plain student runs alone
+            torch.set_num_threads(workers.share.threads)  # the plain student runs alone
             if not launcher:
                 return None
             result = _promote_best(cfg, study, run.info.run_id, url, data)

@@ -114,6 +114,19 @@ def test_the_launcher_run_holds_the_results_in_any_experiment(monkeypatch):
     assert [r.info.run_id for r in tracking.find_runs("smoke", "attributes.status = 'FINISHED'")] == [second.info.run_id, launcher]
 
 
+@pytest.mark.parametrize(("raised", "left_open_ends"), [(KeyboardInterrupt, "KILLED"), (RuntimeError, "FAILED")])
+def test_a_run_a_library_leaves_open_inside_a_job_ends_with_the_job(raised, left_open_ends):
+    """The Trainer's MLflow callback opens a run per trial and ends it only at the trial's end: a job
+    stopped inside such a trial ends that run and its own, neither left RUNNING."""
+    with pytest.raises(raised), tracking.job_run("smoke", "trainer-recipe") as run:
+        left_open = mlflow.start_run(nested=True)
+        raise raised
+    client = MlflowClient()
+    assert client.get_run(left_open.info.run_id).info.status == left_open_ends
+    assert client.get_run(run.info.run_id).info.status == "FAILED"
+    assert mlflow.active_run() is None
+
+
 def test_worse_teacher_leaves_the_champion_alias(tmp_path):
     good = teacher_job.run_teacher(build_config(SMOKE, parse_overrides(FAST)))
     worse = teacher_job.run_teacher(build_config(SMOKE, parse_overrides(FAST + ["train.epochs=1", "train.learning_rate=1e-6"])))

@@ -39,6 +39,7 @@ import statistics
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 from kdlib import logits_cache, registry, tracking
 from kdlib.config import ExperimentConfig
@@ -76,8 +77,7 @@ def _transfer_set_seconds(cfg: ExperimentConfig) -> float:
 
 
 def compare(cfg: ExperimentConfig, project_only: dict[str, str] | None = None) -> dict:
-    """Both sweeps, timed, ``project_only`` overrides applied to this project's alone; their figures, also written to
-    ``outputs/bench/<name>-side-by-side.json``."""
+    """Both sweeps, timed, ``project_only`` overrides applied to this project's alone; their figures."""
     project_only = project_only or {}
     trainer_recipe.check(cfg)
     shared = [key for key in project_only if not key.startswith(PROJECT_ONLY_SECTIONS)]
@@ -145,9 +145,19 @@ def compare(cfg: ExperimentConfig, project_only: dict[str, str] | None = None) -
         # best trial against best trial on the evaluation split: the project's minus the recipe's
         "eval_difference": difference,
     }
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / f"{cfg.name}-side-by-side.json").write_text(json.dumps(results, indent=2))
     return results
+
+
+def _path(cfg: ExperimentConfig, seeds: bool) -> Path:
+    """``outputs/bench/<name>-side-by-side.json``, or ``...-side-by-side-seeds.json`` for a series."""
+    return OUT / f"{cfg.name}-side-by-side{'-seeds' if seeds else ''}.json"
+
+
+def write(cfg: ExperimentConfig, results: dict, seeds: bool) -> Path:
+    path = _path(cfg, seeds)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2))
+    return path
 
 
 def over_seeds(cfg: ExperimentConfig, project_only: dict[str, str], seeds: list[int], vary_training_seed: bool) -> dict:
@@ -163,7 +173,7 @@ def over_seeds(cfg: ExperimentConfig, project_only: dict[str, str], seeds: list[
         runs.append({"search_seed": seed, "training_seed": training} | run)
         print(f"sampler seed {seed}, training seed {training}:\n{markdown(run)}\n", flush=True)
         results = {"runs": runs, "summary": summarize(runs)}
-        (OUT / f"{cfg.name}-side-by-side-seeds.json").write_text(json.dumps(results, indent=2))
+        write(cfg, results, seeds=True)
     return results
 
 
@@ -199,7 +209,7 @@ def seeds_markdown(results: dict) -> str:
     ]
     for run in results["runs"]:
         ours, theirs = run["project"], run["trainer_recipe"]
-        best = " / ".join("none" if side["best_eval_accuracy"] is None else f"{side['best_eval_accuracy']:.4f}" for side in (ours, theirs))
+        best = " / ".join(_accuracies(side, "best_eval_accuracy") for side in (ours, theirs))
         rows.append(
             f"| {run['search_seed']} / {run['training_seed']} | {run['speed_up']:.2f}x | {ours['finished']} / {theirs['finished']} | {best} "
             f"| {_difference(run['eval_difference'])} |"
@@ -225,11 +235,13 @@ def _difference(gain: dict | None) -> str:
     )
 
 
+def _accuracies(side: dict, *keys: str) -> str:
+    """A side's best-trial accuracies under ``keys``, as "0.8500 / 0.8400", or "none finished"."""
+    return "none finished" if side[keys[0]] is None else " / ".join(f"{side[key]:.4f}" for key in keys)
+
+
 def markdown(results: dict) -> str:
     ours, theirs = results["project"], results["trainer_recipe"]
-
-    def accuracy(side: dict) -> str:
-        return "none finished" if side["best_val_accuracy"] is None else f"{side['best_val_accuracy']:.4f} / {side['best_eval_accuracy']:.4f}"
 
     rows = [
         (
@@ -243,7 +255,7 @@ def markdown(results: dict) -> str:
             f"{ours['finished']} of {results['n_trials']}",
             f"{theirs['finished']} of {results['n_trials']}",
         ),
-        ("best trial: validation / evaluation accuracy", accuracy(ours), accuracy(theirs)),
+        ("best trial: validation / evaluation accuracy", *(_accuracies(side, "best_val_accuracy", "best_eval_accuracy") for side in (ours, theirs))),
         ("best trial against best trial, evaluation accuracy (95% paired interval; McNemar p)", _difference(results["eval_difference"]), ""),
         ("**speed-up**", f"**{results['speed_up']:.2f}x**", "1x"),
     ]
@@ -262,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         "--vary-training-seed", action="store_true", help="with --seeds: both sides also train with distill.train.seed + the sampler seed"
     )
     args, rest = parser.parse_known_args(argv)
+    kept = ""  # what an interrupted command keeps: a series, the runs it finished
     try:
         if args.vary_training_seed and not args.seeds:
             raise KDError("--vary-training-seed: expected --seeds too (it adds each run's sampler seed to distill.train.seed)")
@@ -269,14 +282,17 @@ def main(argv: list[str] | None = None) -> int:
         project_only = parse_overrides(args.project_only)
         interrupt_on(signal.SIGTERM)  # stopped by kill as by Ctrl-C: every run it opened ends, none left RUNNING
         if args.seeds:
+            kept = f"; the runs finished so far are in {_path(cfg, seeds=True)}"
             print(seeds_markdown(over_seeds(cfg, project_only, args.seeds, args.vary_training_seed)))
         else:
-            print(markdown(compare(cfg, project_only)))
+            results = compare(cfg, project_only)
+            write(cfg, results, seeds=False)
+            print(markdown(results))
     except KDError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; the runs finished so far are in outputs/bench/", file=sys.stderr)
+        print(f"interrupted; every MLflow run it opened has ended{kept}", file=sys.stderr)
         return 130
     return 0
 

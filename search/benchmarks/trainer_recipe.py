@@ -199,7 +199,7 @@ def run_recipe(cfg: ExperimentConfig, teacher_version: str) -> RecipeResult:
         nested = os.environ.get("MLFLOW_NESTED_RUN")
         os.environ["MLFLOW_NESTED_RUN"] = "true"  # each trial's run under the recipe's run
         try:
-            with tracking.job_run(f"{cfg.name}-trainer-recipe", registry.Role.TRAINER_RECIPE) as run, tracking.ending_runs_left_open():
+            with tracking.job_run(f"{cfg.name}-trainer-recipe", registry.Role.TRAINER_RECIPE) as run:
                 trainer.hyperparameter_search(
                     hp_space=hp_space,
                     compute_objective=lambda metrics: metrics["eval_accuracy"],
