@@ -32,7 +32,7 @@ from kdlib.errors import KDError
 from kdlib.inference import predict_all
 from kdlib.metrics import accuracy
 from kdlib.registry import ModelSource
-from kdlib.serving import ONNX_FILE, ONNX_MODEL, OrtBackend, TorchBackend, label_names
+from kdlib.serving import ONE_PER_CALL, ONNX_FILE, ONNX_MODEL, OrtBackend, TorchBackend, label_names
 
 AXES = {0: "batch", 1: "sequence"}
 MODELS = {"fp32": "onnx_fp32", "optimized": "onnx_optimized", "int8": "onnx_int8"}  # logged model names
@@ -143,7 +143,8 @@ def optimize_transformer(src: Path, dst: Path) -> tuple[Path, dict[str, int]]:
 
 
 def quantize_int8(src: Path, dst: Path) -> Path:
-    """Dynamic int8 quantization: int8 weights in [-64, 64], activations quantized per batch at run time."""
+    """Dynamic int8 quantization: int8 weights in [-64, 64], activations quantized per call at run time,
+    so the graph is marked to take one sentence per call (``serving.ONE_PER_CALL``)."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -161,6 +162,10 @@ def quantize_int8(src: Path, dst: Path) -> Path:
         reduce_range=True,
         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
     )
+    model = onnx.load(str(dst / ONNX_FILE))
+    mark = model.metadata_props.add()
+    mark.key, mark.value = ONE_PER_CALL, "true"
+    onnx.save(model, str(dst / ONNX_FILE))
     return dst
 
 

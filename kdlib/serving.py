@@ -33,6 +33,12 @@ ONNX_FILE = "model.onnx"
 # apart, a batch-1 call of the int8 sst2-minilm student took 15% less time. The export leaves them
 # apart, and the session must not fuse them again.
 UNFUSED = ["SkipLayerNormFusion"]
+# Set in a graph's metadata (ONNX metadata_props) where each sentence must run in a call of its own.
+# Dynamic int8 quantizes each matrix product's input with one scale for the whole batch, padding
+# included, so a sentence's answer would depend on the sentences sent with it: 13 of 872 answers of
+# the sst2-minilm int8 student differed between batches of 64 and one sentence per call (README,
+# "One sentence per call"). On a CPU one per call was as fast as length-sorted batches of 64.
+ONE_PER_CALL = "kd.one_sentence_per_call"
 
 
 def label_names(config: dict) -> list[str]:
@@ -101,10 +107,13 @@ class OrtBackend:
         self.threads = threads or 0  # 0: ONNX Runtime's default, one thread per physical core
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
         self.session = ort.InferenceSession(str(folder / ONNX_FILE), options, providers=providers, disabled_optimizers=UNFUSED)
+        self.one_per_call = self.session.get_modelmeta().custom_metadata_map.get(ONE_PER_CALL) == "true"
         self.tokenize = Tokenize(folder, max_length)
         self.names = label_names(json.loads((folder / "config.json").read_text()))
 
     def logits(self, texts: list[str]) -> np.ndarray:
+        if self.one_per_call and len(texts) > 1:
+            return np.concatenate([self.logits([text]) for text in texts])
         ids, mask = self.tokenize(texts)
         return self.session.run(["logits"], {"input_ids": ids, "attention_mask": mask})[0].astype(np.float32)
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -10,6 +12,7 @@ import mlflow
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pandas as pd
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -20,11 +23,13 @@ from kdlib import registry, tracking
 from kdlib.data import load_split
 from kdlib.errors import KDError
 from kdlib.evaluate import run_evaluate
-from kdlib.export import run_export
+from kdlib.export import quantize_int8, run_export
+from kdlib.metrics import accuracy
 from kdlib.models import train_wordpiece
-from kdlib.serving import HF_MODEL, ONNX_FILE
-from search.benchmarks import serve_latency
-from tests.conftest import SMOKE, in_store, mlflow_run, swept_config
+from kdlib.serving import HF_MODEL, ONNX_FILE, OrtBackend
+from search.benchmarks import cpu_parity, serve_latency
+from search.benchmarks.bench import OUT
+from tests.conftest import SMOKE, in_store, mlflow_run, swept_config, unavailable
 
 STUDENT = "models:/smoke-student@champion"
 TEACHER = "models:/smoke-teacher@champion"
@@ -100,9 +105,13 @@ def test_export_reproduces_pytorch_and_serves_raw_strings(in_swept, exported):
     texts = load_split(swept_config().data, "validation", 200).texts
     assert (labels_from_pyfunc(exported.model_uris["fp32"], texts) == labels_from_pyfunc(STUDENT, texts)).all()
     assert (labels_from_pyfunc(exported.model_uris["optimized"], texts) == labels_from_pyfunc(STUDENT, texts)).all()
-    frame = mlflow.pyfunc.load_model(exported.model_uris["int8"]).predict(["a gorgeous, witty film", "a dull mess"])
+    served = mlflow.pyfunc.load_model(exported.model_uris["int8"])
+    frame = served.predict(["a gorgeous, witty film", "a dull mess"])
     assert list(frame.columns) == ["label", "score", "prob_negative", "prob_positive"] and len(frame) == 2
     np.testing.assert_allclose(frame["prob_negative"] + frame["prob_positive"], 1.0, rtol=1e-6)
+    # A sentence's answer does not depend on the sentences sent with it: dynamic int8 scales each call's input as a whole.
+    together = served.predict(texts[:40])
+    pd.testing.assert_frame_equal(together, pd.concat([served.predict([text]) for text in texts[:40]], ignore_index=True))
 
     client = MlflowClient()
     run = client.get_run(exported.run_id)
@@ -212,3 +221,86 @@ def test_serve_latency_times_every_model_on_the_same_sentences_in_turns(in_swept
     rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith(("| models:", "| runs:"))]
     assert [(row[0][2:], row[1]) for row in rows] == [(STUDENT, "5"), (int8, "5"), (int8, "5")]
     assert all(float(row[2]) > 0 for row in rows) and rows[0][4] == "1.00 |"
+
+
+def test_cpu_parity_scores_the_model_on_emulated_cpus_as_served(in_swept, exported, capsys, tmp_path):
+    if shutil.which(cpu_parity.QEMU) is None:
+        unavailable(f"{cpu_parity.QEMU} is not installed (apt-get install qemu-user; .ci/run does)")
+    int8 = exported.model_uris["int8"]
+    assert cpu_parity.main(["--experiment", str(SMOKE), "--sentences", "12", int8]) == 0
+    results = json.loads((OUT / "smoke-cpu-parity.json").read_text())
+    assert cpu_parity.markdown(results) in capsys.readouterr().out
+    # The emulated CPUs' kernels ran, not this host's: ONNX Runtime and NumPy read the same CPUID.
+    rome, nehalem = (results["cpus"][cpu]["features"] for cpu in cpu_parity.CPUS)
+    assert "AVX2" in rome and "AVX512F" not in rome and "AVX512VNNI" not in rome
+    assert "SSE42" in nehalem and "AVX" not in nehalem
+    assert results["cpus"]["EPYC-Rome"]["answers_differ"] == 0
+    # Here, the script's logits are the served backend's, sentence by sentence.
+    cfg = swept_config()
+    texts = load_split(cfg.data, cfg.data.eval_split, 12).texts
+    source = registry.fetch_model(int8, str(tmp_path / "model"))
+    ids, lengths = cpu_parity.tokens(source.folder, source.max_length, texts)
+    np.savez(tmp_path / "tokens.npz", ids=ids, lengths=lengths)
+    here, _ = cpu_parity.scored(source.folder / ONNX_FILE, tmp_path / "tokens.npz", tmp_path / "here.npz", [])
+    served = OrtBackend(source.folder, source.max_length)
+    assert np.array_equal(here, np.concatenate([served.logits([text]) for text in texts]))
+    assert results["cpus"]["EPYC-Rome"]["accuracy_here"] == accuracy(here, load_split(cfg.data, cfg.data.eval_split, 12).labels)
+
+
+def _saturating_graph(folder: Path, hidden: int = 64) -> Path:
+    """input_ids -> embeddings of ones, times the mask, averaged -> MatMul with weights of ones -> logits.
+    Quantized, every activation is 255 and every 8-bit weight 127: a pair of products, 64,770, is past
+    what the 16-bit adds of a CPU without VNNI hold (32,767)."""
+    from onnx import TensorProto, helper
+
+    nodes = [
+        helper.make_node("Gather", ["embeddings", "input_ids"], ["embedded"]),
+        helper.make_node("Cast", ["attention_mask"], ["mask_float"], to=TensorProto.FLOAT),
+        helper.make_node("Unsqueeze", ["mask_float", "last"], ["mask_3d"]),
+        helper.make_node("Mul", ["embedded", "mask_3d"], ["masked"]),
+        helper.make_node("ReduceMean", ["masked"], ["pooled"], axes=[1], keepdims=0),
+        helper.make_node("MatMul", ["pooled", "classifier"], ["logits"]),
+    ]
+    initializers = [
+        numpy_helper.from_array(np.ones((100, hidden), np.float32), "embeddings"),
+        numpy_helper.from_array(np.ones((hidden, 2), np.float32), "classifier"),
+        numpy_helper.from_array(np.array([-1], np.int64), "last"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "saturating",
+        [helper.make_tensor_value_info(name, TensorProto.INT64, [1, "length"]) for name in ("input_ids", "attention_mask")],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 2])],
+        initializers,
+    )
+    folder.mkdir()
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(folder / ONNX_FILE))
+    return folder
+
+
+def test_the_int8_export_gives_the_same_logits_on_a_cpu_without_vnni(tmp_path):
+    if shutil.which(cpu_parity.QEMU) is None:
+        unavailable(f"{cpu_parity.QEMU} is not installed (apt-get install qemu-user; .ci/run does)")
+    int8 = quantize_int8(_saturating_graph(tmp_path / "fp32"), tmp_path / "int8") / ONNX_FILE
+    np.savez(tmp_path / "tokens.npz", ids=np.array([[1, 2, 3, 4]]), lengths=np.array([4]))
+    here, _ = cpu_parity.scored(int8, tmp_path / "tokens.npz", tmp_path / "here.npz", [])
+    there, seen = cpu_parity.scored(int8, tmp_path / "tokens.npz", tmp_path / "there.npz", [cpu_parity.QEMU, "-cpu", "EPYC-Rome"])
+    assert "AVX2" in seen and "AVX512VNNI" not in seen
+    assert np.allclose(here, 64.0, rtol=0.02)  # the mean of ones through weights of ones, to int8's precision
+    assert np.abs(there - here).max() < 1e-5
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--qemu", "no-such-emulator"], "no-such-emulator not found; expected QEMU's user-mode emulator on the PATH"),
+        (["--cpu", "Pentium9000"], "--cpu Pentium9000: not a CPU model of qemu-x86_64"),
+        ([STUDENT], "is a PyTorch model; expected an ONNX model of the export job"),
+    ],
+)
+def test_cpu_parity_refuses_what_it_cannot_run(in_swept, arguments, message, capsys):
+    if "--qemu" not in arguments and shutil.which(cpu_parity.QEMU) is None:
+        unavailable(f"{cpu_parity.QEMU} is not installed (apt-get install qemu-user; .ci/run does)")
+    uri = [] if STUDENT in arguments else ["runs:/0123/onnx_int8"]
+    assert cpu_parity.main(["--experiment", str(SMOKE), *uri, *arguments]) == 2
+    assert message in capsys.readouterr().err
