@@ -7,7 +7,7 @@ user-mode emulation runs the same Python and wheels, but every CPU feature they 
 emulated CPU's, so ONNX Runtime takes that CPU's kernels. Each run scores ``--sentences`` sentences
 of the experiment's evaluation split (a seeded sample, as ``data.max_eval_examples`` takes) one per call, as served
 (``search/benchmarks/ort_logits.py``), and the table compares logits and answers with this host's.
-Emulated, a sentence of the sst2-minilm student takes about a second: it checks answers, not speed.
+Emulated, a sentence of the sst2-minilm student took 0.1-0.8 s (README): it checks answers, not speed.
 
     python -m search.benchmarks.cpu_parity --experiment experiments/sst2-minilm.yaml runs:/<export>/onnx_int8 \\
         [--cpu EPYC-Rome --cpu Nehalem] [--sentences 150]

@@ -4,7 +4,7 @@
 every import costs tens of times more emulated, and takes its sentences as wordpiece ids (the
 tokenizer's answer does not depend on the CPU).
 
-    python search/benchmarks/ort_logits.py MODEL.onnx TOKENS.npz OUT.npz [--threads N] [--disable OPTIMIZER ...]
+    python search/benchmarks/ort_logits.py MODEL.onnx TOKENS.npz OUT.npz [--disable OPTIMIZER ...]
 """
 
 from __future__ import annotations
@@ -16,13 +16,10 @@ import onnxruntime as ort
 from numpy._core._multiarray_umath import __cpu_features__
 
 
-def logits(model: str, ids: np.ndarray, lengths: np.ndarray, threads: int, disabled: list[str]) -> np.ndarray:
+def logits(model: str, ids: np.ndarray, lengths: np.ndarray, disabled: list[str]) -> np.ndarray:
     """[sentences, labels] logits; sentence i is ``ids[i, :lengths[i]]``, run alone (no padding, mask all ones)."""
-    # The session as kdlib.serving.OrtBackend opens it on a CPU.
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"], disabled_optimizers=disabled)
+    # The session as kdlib.serving.OrtBackend opens it on a CPU by default (ONNX Runtime's threads).
+    session = ort.InferenceSession(model, providers=["CPUExecutionProvider"], disabled_optimizers=disabled)
     rows = []
     for row, length in zip(ids, lengths, strict=True):
         sentence = row[None, :length]
@@ -35,12 +32,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("model")
     parser.add_argument("tokens", help="an .npz with ids [sentences, longest] and lengths [sentences]")
     parser.add_argument("out")
-    parser.add_argument("--threads", type=int, default=0, help="0: ONNX Runtime's default")
     parser.add_argument("--disable", action="append", default=[], metavar="OPTIMIZER")
     args = parser.parse_args(argv)
     tokens = np.load(args.tokens)
     features = sorted(name for name, present in __cpu_features__.items() if present)
-    np.savez(args.out, logits=logits(args.model, tokens["ids"], tokens["lengths"], args.threads, args.disable), features=np.array(features))
+    np.savez(args.out, logits=logits(args.model, tokens["ids"], tokens["lengths"], args.disable), features=np.array(features))
 
 
 if __name__ == "__main__":
