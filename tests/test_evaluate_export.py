@@ -223,9 +223,13 @@ def test_serve_latency_times_every_model_on_the_same_sentences_in_turns(in_swept
     assert all(float(row[2]) > 0 for row in rows) and rows[0][4] == "1.00 |"
 
 
-def test_cpu_parity_scores_the_model_on_emulated_cpus_as_served(in_swept, exported, capsys, tmp_path):
+def needs_qemu() -> None:
     if shutil.which(cpu_parity.QEMU) is None:
         unavailable(f"{cpu_parity.QEMU} is not installed (apt-get install qemu-user; .ci/run does)")
+
+
+def test_cpu_parity_scores_the_model_on_emulated_cpus_as_served(in_swept, exported, capsys, tmp_path):
+    needs_qemu()
     int8 = exported.model_uris["int8"]
     assert cpu_parity.main(["--experiment", str(SMOKE), "--sentences", "12", int8]) == 0
     results = json.loads((OUT / "smoke-cpu-parity.json").read_text())
@@ -237,14 +241,14 @@ def test_cpu_parity_scores_the_model_on_emulated_cpus_as_served(in_swept, export
     assert results["cpus"]["EPYC-Rome"]["answers_differ"] == 0
     # Here, the script's logits are the served backend's, sentence by sentence.
     cfg = swept_config()
-    texts = load_split(cfg.data, cfg.data.eval_split, 12).texts
+    split = load_split(cfg.data, cfg.data.eval_split, 12)
     source = registry.fetch_model(int8, str(tmp_path / "model"))
-    ids, lengths = cpu_parity.tokens(source.folder, source.max_length, texts)
+    ids, lengths = cpu_parity.tokens(source.folder, source.max_length, split.texts)
     np.savez(tmp_path / "tokens.npz", ids=ids, lengths=lengths)
     here, _ = cpu_parity.scored(source.folder / ONNX_FILE, tmp_path / "tokens.npz", tmp_path / "here.npz", [])
     served = OrtBackend(source.folder, source.max_length)
-    assert np.array_equal(here, np.concatenate([served.logits([text]) for text in texts]))
-    assert results["cpus"]["EPYC-Rome"]["accuracy_here"] == accuracy(here, load_split(cfg.data, cfg.data.eval_split, 12).labels)
+    assert np.array_equal(here, np.concatenate([served.logits([text]) for text in split.texts]))
+    assert results["cpus"]["EPYC-Rome"]["accuracy_here"] == accuracy(here, split.labels)
 
 
 def _saturating_graph(folder: Path, hidden: int = 64) -> Path:
@@ -279,8 +283,7 @@ def _saturating_graph(folder: Path, hidden: int = 64) -> Path:
 
 
 def test_the_int8_export_gives_the_same_logits_on_a_cpu_without_vnni(tmp_path):
-    if shutil.which(cpu_parity.QEMU) is None:
-        unavailable(f"{cpu_parity.QEMU} is not installed (apt-get install qemu-user; .ci/run does)")
+    needs_qemu()
     int8 = quantize_int8(_saturating_graph(tmp_path / "fp32"), tmp_path / "int8") / ONNX_FILE
     np.savez(tmp_path / "tokens.npz", ids=np.array([[1, 2, 3, 4]]), lengths=np.array([4]))
     here, _ = cpu_parity.scored(int8, tmp_path / "tokens.npz", tmp_path / "here.npz", [])
@@ -299,8 +302,8 @@ def test_the_int8_export_gives_the_same_logits_on_a_cpu_without_vnni(tmp_path):
     ],
 )
 def test_cpu_parity_refuses_what_it_cannot_run(in_swept, arguments, message, capsys):
-    if "--qemu" not in arguments and shutil.which(cpu_parity.QEMU) is None:
-        unavailable(f"{cpu_parity.QEMU} is not installed (apt-get install qemu-user; .ci/run does)")
+    if "--qemu" not in arguments:
+        needs_qemu()
     uri = [] if STUDENT in arguments else ["runs:/0123/onnx_int8"]
     assert cpu_parity.main(["--experiment", str(SMOKE), *uri, *arguments]) == 2
     assert message in capsys.readouterr().err
