@@ -16,6 +16,7 @@ from optuna.storages import RetryFailedTrialCallback
 from optuna.trial import TrialState
 
 from kdlib.teacher import run_teacher
+from kdlib.tracking import ROLE_TAG
 from search.study import make_storage
 from tests.conftest import SMOKE, all_runs, subprocess_env, wait_for
 from tests.test_sweep import config
@@ -94,7 +95,8 @@ def test_a_stopped_sweep_stops_its_local_workers(teacher, tmp_path):
     study = optuna.load_study(study_name="smoke-sweep", storage=make_storage(str(journal))[0])
     assert not study.get_trials(states=(TrialState.RUNNING,))
     assert len(study.get_trials(states=(TrialState.FAIL,))) == 2  # the two stopped mid-trial, retried on resume
-    assert all(r.info.status != "RUNNING" for r in all_runs())
+    running = [(r.data.tags.get(ROLE_TAG), r.info.run_name) for r in all_runs("attributes.status = 'RUNNING'")]
+    assert not running, (running, log.read_text()[-3000:])  # which runs, and what the command printed
 
 
 def test_two_workers_share_one_study_in_postgresql(teacher, tmp_path, postgres_url):
