@@ -1,6 +1,11 @@
 """The one exception type that reaches the user as a message instead of a traceback, and stop signals as Ctrl-C."""
 
+import contextlib
 import signal
+import threading
+from collections.abc import Callable, Iterator
+
+STOPS = (signal.SIGINT, signal.SIGTERM)  # what stops a job: Ctrl-C, and kill or a scheduler under interrupt_on
 
 
 class KDError(Exception):
@@ -28,3 +33,32 @@ def interrupt_on(*signals: signal.Signals) -> None:
 
     for each in signals:
         signal.signal(each, stop)
+
+
+@contextlib.contextmanager
+def stops_held() -> Iterator[Callable[[], None]]:
+    """Ctrl-C and SIGTERM wait while the block makes something that a stop must not leave half-made, such
+    as an MLflow run already in the store but not yet where a ``finally`` can end it. They land, under the
+    handlers they had, when the block calls the release it is given (inside the ``try`` that undoes the
+    work), or when the block ends. Outside the main thread, where no handler runs, nothing is held."""
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: None
+        return
+    # A handler set outside Python (getsignal gives None) cannot be put back, so that signal is not held.
+    handlers = {each: handler for each in STOPS if (handler := signal.getsignal(each)) is not None}
+    caught: list[int] = []
+    for each in handlers:
+        signal.signal(each, lambda signum, frame: caught.append(signum))
+
+    def release() -> None:
+        while handlers:
+            each, handler = handlers.popitem()
+            signal.signal(each, handler)
+        if caught:
+            signal.raise_signal(caught.pop(0))  # its handler runs now, in this thread
+            caught.clear()
+
+    try:
+        yield release
+    finally:
+        release()

@@ -25,7 +25,7 @@ from mlflow.types import ColSpec, Schema
 
 from kdlib.configure import flatten
 from kdlib.data import Splits
-from kdlib.errors import KDError
+from kdlib.errors import KDError, stops_held
 from kdlib.models import Classifier
 from kdlib.serving import HF_MODEL, label_names
 
@@ -49,6 +49,7 @@ def tracking_uri() -> str:
 @contextlib.contextmanager
 def job_run(experiment: str, role: str, tags: dict[str, str] | None = None, run_name: str | None = None) -> Iterator[mlflow.ActiveRun]:
     """The MLflow run a job logs to; FAILED if the job raises, with the runs left open above it (``_ending_runs_above``).
+    Ctrl-C or SIGTERM while MLflow creates the run waits until the run can be ended (``stops_held``).
 
     Under ``mlflow run`` it is the launcher's run, the one ``mlflow run`` prints, in whichever
     MLflow experiment ``--experiment-name`` chose (else "Default"); a second job of the same command
@@ -62,17 +63,25 @@ def job_run(experiment: str, role: str, tags: dict[str, str] | None = None, run_
         _launcher_used = launcher
         experiment_id = MlflowClient().get_run(launcher).info.experiment_id
         mlflow.set_experiment(experiment_id=experiment_id)
-        with mlflow.start_run(run_id=launcher) as run, _ending_runs_above(run):
+        with stops_held() as release, mlflow.start_run(run_id=launcher) as run, _ending_runs_above(run):
+            release()
             mlflow.set_tags({**tags, "mlflow.runName": run_name})
             yield run
         return
     if launcher:
         # Reopen the launcher's run as the parent, so this job's run nests under what `mlflow run` printed.
-        with mlflow.start_run(run_id=launcher), mlflow.start_run(run_name=run_name, tags=tags, nested=True) as run, _ending_runs_above(run):
+        with (
+            stops_held() as release,
+            mlflow.start_run(run_id=launcher),
+            mlflow.start_run(run_name=run_name, tags=tags, nested=True) as run,
+            _ending_runs_above(run),
+        ):
+            release()
             yield run
         return
     experiment_id = mlflow.set_experiment(experiment).experiment_id
-    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags) as run, _ending_runs_above(run):
+    with stops_held() as release, mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags) as run, _ending_runs_above(run):
+        release()
         yield run
 
 
@@ -106,15 +115,17 @@ def child_run(run_name: str, role: str, tags: dict[str, str], finished_on: tuple
     # The parent's project tags, read from the store: the active run's copy misses tags set after it started.
     parent_tags = MlflowClient().get_run(parent.info.run_id).data.tags
     inherited = {EXPERIMENT_TAG: parent_tags[EXPERIMENT_TAG]} if EXPERIMENT_TAG in parent_tags else {}
-    run = mlflow.start_run(run_name=run_name, nested=True, tags={**inherited, **tags, ROLE_TAG: role}, experiment_id=parent.info.experiment_id)
-    exc = None
-    try:
-        yield run
-    except BaseException as raised:
-        exc = raised
-        raise
-    finally:
-        mlflow.end_run(_ended(exc, finished_on))
+    with stops_held() as release:  # a stop while MLflow creates the run waits until it can end it
+        run = mlflow.start_run(run_name=run_name, nested=True, tags={**inherited, **tags, ROLE_TAG: role}, experiment_id=parent.info.experiment_id)
+        exc = None
+        try:
+            release()
+            yield run
+        except BaseException as raised:
+            exc = raised
+            raise
+        finally:
+            mlflow.end_run(_ended(exc, finished_on))
 
 
 def active_run_id() -> str:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
+import signal
 from pathlib import Path
 
 import mlflow
@@ -17,7 +19,7 @@ from kdlib import tracking
 from kdlib.__main__ import main
 from kdlib.configure import build_config, parse_overrides
 from kdlib.data import load_splits
-from kdlib.errors import KDError
+from kdlib.errors import KDError, interrupt_on
 from tests.conftest import SMOKE, all_runs, mlflow_run, printed_run_id, write_tsv
 
 # Fewer, shorter epochs than the demo: these tests check plumbing, not accuracy.
@@ -125,6 +127,36 @@ def test_a_run_a_library_leaves_open_inside_a_job_ends_with_the_job(raised, left
     assert client.get_run(left_open.info.run_id).info.status == left_open_ends
     assert client.get_run(run.info.run_id).info.status == "FAILED"
     assert mlflow.active_run() is None
+
+
+@pytest.fixture
+def stop_on_sigterm():
+    """SIGTERM raises KeyboardInterrupt, as in the sweep command; the handler the test found is put back."""
+    found = signal.getsignal(signal.SIGTERM)
+    interrupt_on(signal.SIGTERM)
+    yield
+    signal.signal(signal.SIGTERM, found)
+
+
+@pytest.mark.parametrize("opened", ["job run", "child run"])
+def test_a_stop_while_mlflow_creates_a_run_ends_that_run(opened, monkeypatch, stop_on_sigterm):
+    """SIGTERM that lands inside mlflow.start_run, once the store holds the new run but before it is on
+    MLflow's stack: the run ends as a stopped one does (a job's FAILED, a trial's KILLED), not RUNNING for ever."""
+    create = MlflowClient.create_run
+
+    def create_then_stop(self, *args, **kwargs):
+        created = create(self, *args, **kwargs)
+        signal.raise_signal(signal.SIGTERM)
+        return created
+
+    with pytest.raises(KeyboardInterrupt, match="SIGTERM"), contextlib.ExitStack() as stack:
+        if opened == "child run":
+            stack.enter_context(tracking.job_run("smoke", "sweep"))
+        monkeypatch.setattr(MlflowClient, "create_run", create_then_stop)
+        stack.enter_context(tracking.job_run("smoke", "teacher") if opened == "job run" else tracking.child_run("trial", "student-trial", {}))
+        pytest.fail("the stop did not land")
+    runs = {r.data.tags["kd.role"]: r.info.status for r in all_runs()}
+    assert runs == ({"teacher": "FAILED"} if opened == "job run" else {"sweep": "FAILED", "student-trial": "KILLED"})
 
 
 def test_worse_teacher_leaves_the_champion_alias(tmp_path):
