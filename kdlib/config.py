@@ -15,6 +15,7 @@ from kdlib.errors import KDError
 
 MIXED_PRECISION = ("auto", "bf16", "fp16", "no")
 WORD_EMBEDDINGS = ("auto", "dense", "lazy", "frozen")
+INT8_SCHEMES = ("dynamic", "blockwise")
 PRUNERS = ("median", "hyperband", "none")
 PRECISIONS = ("fp32", "bf16")
 
@@ -332,17 +333,20 @@ class ExportConfig:
     opset: ONNX opset
     tolerance: largest |ONNX Runtime logit - PyTorch logit| accepted for the fp32 model
     parity_examples: evaluation sentences compared between PyTorch and ONNX Runtime
+    int8_scheme: dynamic (small and fastest) or blockwise (closer to fp32: fewer answers moved, larger, slower); README "Two int8 schemes"
     """
 
     model_uri: str | None = None
     opset: int = 18
     tolerance: float = 1e-3
     parity_examples: int = 256
+    int8_scheme: str = "dynamic"
 
     def __post_init__(self) -> None:
         _check(self.opset >= 17, "opset", "an integer >= 17", self.opset)
         _check(self.tolerance > 0, "tolerance", "a number > 0", self.tolerance)
         _check(self.parity_examples >= 1, "parity_examples", "an integer >= 1", self.parity_examples)
+        _check(self.int8_scheme in INT8_SCHEMES, "int8_scheme", f"one of {INT8_SCHEMES}", self.int8_scheme)
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,9 @@ from kdlib.serving import ONE_PER_CALL, ONNX_FILE, ONNX_MODEL, OrtBackend, Torch
 
 AXES = {0: "batch", 1: "sequence"}
 MODELS = {"fp32": "onnx_fp32", "optimized": "onnx_optimized", "int8": "onnx_int8"}  # logged model names
+# Blockwise int8's block along the inner dimension. On the sst2-minilm champions (README "Two int8 schemes"),
+# blocks of 32 took 0.98-1.03 ms a sentence against 0.84-0.88 ms for 128, for 1 answer moved against 3.
+INT8_BLOCK = 128
 
 
 @dataclass(frozen=True)
@@ -142,30 +145,64 @@ def optimize_transformer(src: Path, dst: Path) -> tuple[Path, dict[str, int]]:
     return dst, {op: n for op, n in optimized.get_fused_operator_statistics().items() if n}
 
 
-def quantize_int8(src: Path, dst: Path) -> Path:
-    """Dynamic int8 quantization: int8 weights in [-64, 64], activations quantized per call at run time,
-    so the graph is marked to take one sentence per call (``serving.ONE_PER_CALL``)."""
+def quantize_int8(src: Path, dst: Path, scheme: str = "dynamic") -> Path:
+    """The optimized graph with int8 products (``ExportConfig.int8_scheme``); the head (pooler,
+    classifier) stays fp32 in both schemes: it runs on one vector per sentence, where int8 saves no time.
+
+    dynamic: ONNX Runtime's dynamic quantization of attention, the encoder's products and the embeddings:
+    int8 weights per output channel in [-64, 64], each call's activations on one int8 scale.
+    blockwise: the encoder's products as ``MatMulNBits``, 8-bit weights and activations with a scale per
+    block of ``INT8_BLOCK`` along the inner dimension, attention as in dynamic, the embeddings fp32.
+    Both scale a call's activations as a whole somewhere (attention), so the graph is marked to take one
+    sentence per call (``serving.ONE_PER_CALL``).
+    """
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns(f"{ONNX_FILE}*"))
-    # Per-channel scales: with 8-bit weights the sst2-minilm champion lost 0.23 points of dev accuracy against fp32, 0.46 per-tensor.
+    graph = onnx.load(str(src / ONNX_FILE), load_external_data=False).graph
+    weights = {tensor.name for tensor in graph.initializer}
+    by_type = {kind: [n.name for n in graph.node if n.op_type == kind] for kind in ("Attention", "EmbedLayerNormalization")}
+    products = [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights]  # not attention's own (activation x activation)
+    dynamic = by_type["Attention"] + products + by_type["EmbedLayerNormalization"]
+    model, blockwise = src / ONNX_FILE, dst / "blockwise.onnx"
+    if scheme == "blockwise":
+        model = _blockwise(model, blockwise, products)
+        dynamic = by_type["Attention"]
     # Reduced range (7-bit weights): on x86 CPUs without VNNI (AVX2 only) ONNX Runtime's uint8 x int8 kernel adds
     # pairs of products in 16 bits, which 8-bit weights overflow; there the same model gave other answers (README,
     # "int8 on CPUs without VNNI"). With |w| <= 64, 2 x 255 x 64 fits, and every CPU computes the same logits.
+    # Per-channel scales: with 8-bit weights the sst2-minilm champion lost 0.23 points of dev accuracy against fp32, 0.46 per-tensor.
     # The default tensor type: ONNX shape inference cannot type the outputs of the fused (com.microsoft) operators.
     quantize_dynamic(
-        src / ONNX_FILE,
+        model,
         dst / ONNX_FILE,
         weight_type=QuantType.QInt8,
         per_channel=True,
         reduce_range=True,
+        nodes_to_quantize=dynamic,
         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
     )
-    model = onnx.load(str(dst / ONNX_FILE))
-    mark = model.metadata_props.add()
+    blockwise.unlink(missing_ok=True)
+    quantized = onnx.load(str(dst / ONNX_FILE))
+    mark = quantized.metadata_props.add()
     mark.key, mark.value = ONE_PER_CALL, "true"
-    onnx.save(model, str(dst / ONNX_FILE))
+    onnx.save(quantized, str(dst / ONNX_FILE))
+    return dst
+
+
+def _blockwise(src: Path, dst: Path, products: list[str]) -> Path:
+    """``src`` with ``products`` as 8-bit ``MatMulNBits`` that compute in int8 (accuracy level 4):
+    symmetric weights, and activations quantized per block at run time, so that one outlier moves one block's scale, not the whole call's."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    model = onnx.load(str(src))
+    others = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in products]
+    scheme = DefaultWeightOnlyQuantConfig(block_size=INT8_BLOCK, is_symmetric=True, accuracy_level=4, bits=8, op_types_to_quantize=("MatMul",))
+    quantizer = MatMulNBitsQuantizer(model, nodes_to_exclude=others, algo_config=scheme)
+    quantizer.process()
+    quantizer.model.save_model_to_file(str(dst), use_external_data_format=False)
     return dst
 
 
@@ -207,7 +244,7 @@ def run_export(cfg: ExperimentConfig) -> ExportResult:
         split = load_split(cfg.data, cfg.data.eval_split, cfg.data.max_eval_examples)
         folders = {"fp32": export_onnx(source.folder, work / MODELS["fp32"], ex.opset)}
         folders["optimized"], fused = optimize_transformer(folders["fp32"], work / MODELS["optimized"])
-        folders["int8"] = quantize_int8(folders["optimized"], work / MODELS["int8"])
+        folders["int8"] = quantize_int8(folders["optimized"], work / MODELS["int8"], ex.int8_scheme)
         threads = torch.get_num_threads()
         pytorch = predict_all(TorchBackend(source.folder, source.max_length), split.texts)
         onnx = {kind: predict_all(OrtBackend(folder, source.max_length, threads), split.texts) for kind, folder in folders.items()}
@@ -227,7 +264,15 @@ def run_export(cfg: ExperimentConfig) -> ExportResult:
         if source.registered_name:
             tags |= {"kd.source_model_name": source.registered_name, "kd.source_model_version": source.registered_version}
         with tracking.job_run(cfg.name, registry.Role.EXPORT, tags) as run:
-            tracking.log_params({"export.model_uri": uri, "export.opset": ex.opset, "export.tolerance": ex.tolerance, "split": cfg.data.eval_split})
+            tracking.log_params(
+                {
+                    "export.model_uri": uri,
+                    "export.opset": ex.opset,
+                    "export.tolerance": ex.tolerance,
+                    "export.int8_scheme": ex.int8_scheme,
+                    "split": cfg.data.eval_split,
+                }
+            )
             tracking.log_metrics(
                 {
                     "max_abs_logit_diff": max_abs_diff,

@@ -48,6 +48,7 @@ def test_shipped_experiments_load():
             "distill.train.word_embeddings=sparse",
             "distill.train.word_embeddings = 'sparse' is out of range; expected one of ('auto', 'dense', 'lazy', 'frozen')",
         ),
+        ("export.int8_scheme=static", "export.int8_scheme = 'static' is out of range; expected one of ('dynamic', 'blockwise')"),
         ("train.learnin_rate=1", "unknown key 'train.learnin_rate'"),
         ("colour=red", "unknown key 'colour'"),
         ("teacher.hidden_size=0", "teacher.hidden_size = 0 is out of range"),

@@ -6,6 +6,7 @@ import json
 import re
 import shutil
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import mlflow
@@ -20,6 +21,7 @@ from onnx import numpy_helper
 from transformers import BertConfig, BertForMaskedLM
 
 from kdlib import registry, tracking
+from kdlib.config import INT8_SCHEMES
 from kdlib.data import load_split
 from kdlib.errors import KDError
 from kdlib.evaluate import run_evaluate
@@ -120,9 +122,28 @@ def test_export_reproduces_pytorch_and_serves_raw_strings(in_swept, exported):
     assert champion.tags["kd.onnx_export_run"] == exported.run_id
     assert run.data.metrics["max_abs_logit_diff"] == pytest.approx(exported.max_abs_diff)
     assert run.data.metrics["onnx_int8_accuracy"] == pytest.approx(exported.accuracy["int8"])
+    assert run.data.params["export.int8_scheme"] == "dynamic"
     assert run.data.metrics["fused.Attention"] == exported.fused["Attention"] >= 1
     if exported.tensorrt != "built":
         assert run.data.tags["kd.tensorrt"].startswith("skipped: tensorrt is not importable")
+
+
+def test_blockwise_int8_keeps_closer_to_fp32_than_dynamic(in_swept, exported, tmp_path):
+    """The blockwise scheme: the encoder's products as 8-bit MatMulNBits, attention dynamic, embeddings and
+    head fp32; its logits stay nearer the fp32 graph's than the dynamic export's do."""
+    folders = {kind: registry.fetch_model(exported.model_uris[kind], str(tmp_path / kind)).folder for kind in ("optimized", "int8")}
+    products = [n for n in onnx.load(str(folders["optimized"] / ONNX_FILE)).graph.node if n.op_type == "MatMul" and "dense" in n.name]
+    blockwise = quantize_int8(folders["optimized"], tmp_path / "blockwise", "blockwise")
+    assert sorted(p.name for p in blockwise.iterdir()) == sorted(p.name for p in folders["optimized"].iterdir())  # nothing left over
+    ops = Counter(n.op_type for n in onnx.load(str(blockwise / ONNX_FILE)).graph.node)
+    assert ops["MatMulNBits"] == len(products) and ops["QAttention"] == exported.fused["Attention"]
+    assert ops["EmbedLayerNormalization"] == 1 and not ops["MatMulInteger"]  # embeddings and head in fp32
+    texts = load_split(swept_config().data, "validation", 200).texts
+    logits = {
+        kind: OrtBackend(folder, swept_config().data.max_length, 1).logits(texts) for kind, folder in [*folders.items(), ("blockwise", blockwise)]
+    }
+    apart = {kind: float(np.abs(logits[kind] - logits["optimized"]).mean()) for kind in ("int8", "blockwise")}
+    assert 0 < apart["blockwise"] < apart["int8"], apart
 
 
 def test_evaluate_an_exported_onnx_model(in_swept, exported):
@@ -282,9 +303,10 @@ def _saturating_graph(folder: Path, hidden: int = 64) -> Path:
     return folder
 
 
-def test_the_int8_export_gives_the_same_logits_on_a_cpu_without_vnni(tmp_path):
+@pytest.mark.parametrize("scheme", INT8_SCHEMES)
+def test_the_int8_export_gives_the_same_logits_on_a_cpu_without_vnni(scheme, tmp_path):
     needs_qemu()
-    int8 = quantize_int8(_saturating_graph(tmp_path / "fp32"), tmp_path / "int8") / ONNX_FILE
+    int8 = quantize_int8(_saturating_graph(tmp_path / "fp32"), tmp_path / "int8", scheme) / ONNX_FILE
     np.savez(tmp_path / "tokens.npz", ids=np.array([[1, 2, 3, 4]]), lengths=np.array([4]))
     here, _ = cpu_parity.scored(int8, tmp_path / "tokens.npz", tmp_path / "here.npz", [])
     there, seen = cpu_parity.scored(int8, tmp_path / "tokens.npz", tmp_path / "there.npz", [cpu_parity.QEMU, "-cpu", "EPYC-Rome"])
