@@ -116,7 +116,7 @@ def export_job(cfg: ExperimentConfig) -> None:
     print(f"export of {result.source_uri}: ONNX Runtime fp32 and optimized logits within {result.max_abs_diff:.2e} of PyTorch")
     print(
         f"evaluation split ({cfg.data.eval_split}) accuracy: PyTorch {acc['pytorch']:.4f}, ONNX fp32 {acc['fp32']:.4f}, "
-        f"ONNX optimized {acc['optimized']:.4f}, ONNX int8 {acc['int8']:.4f}"
+        f"ONNX optimized {acc['optimized']:.4f}, ONNX int8 ({cfg.export.int8_scheme}) {acc['int8']:.4f}"
     )
     print(f"ONNX Runtime fused: {', '.join(f'{op} x{n}' for op, n in result.fused.items()) or 'nothing'}")
     print(f"TensorRT: {result.tensorrt}")
