@@ -55,8 +55,9 @@ def stops_held() -> Iterator[Callable[[], None]]:
             each, handler = handlers.popitem()
             signal.signal(each, handler)
         if caught:
-            signal.raise_signal(caught.pop(0))  # its handler runs now, in this thread
-            caught.clear()
+            first = caught[0]
+            caught.clear()  # once: a second stop while the first unwinds is the handler's to judge
+            signal.raise_signal(first)  # its handler runs now, in this thread
 
     try:
         yield release
