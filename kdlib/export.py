@@ -20,6 +20,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -33,6 +34,9 @@ from kdlib.inference import predict_all
 from kdlib.metrics import accuracy
 from kdlib.registry import ModelSource
 from kdlib.serving import ONE_PER_CALL, ONNX_FILE, ONNX_MODEL, OrtBackend, TorchBackend, label_names
+
+if TYPE_CHECKING:
+    import onnx
 
 AXES = {0: "batch", 1: "sequence"}
 MODELS = {"fp32": "onnx_fp32", "optimized": "onnx_optimized", "int8": "onnx_int8"}  # logged model names
@@ -160,14 +164,16 @@ def quantize_int8(src: Path, dst: Path, scheme: str = "dynamic") -> Path:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns(f"{ONNX_FILE}*"))
-    graph = onnx.load(str(src / ONNX_FILE), load_external_data=False).graph
+    model = onnx.load(str(src / ONNX_FILE))
+    graph = model.graph
     weights = {tensor.name for tensor in graph.initializer}
     by_type = {kind: [n.name for n in graph.node if n.op_type == kind] for kind in ("Attention", "EmbedLayerNormalization")}
     products = [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights]  # not attention's own (activation x activation)
     dynamic = by_type["Attention"] + products + by_type["EmbedLayerNormalization"]
-    model, blockwise = src / ONNX_FILE, dst / "blockwise.onnx"
+    source, blockwise = src / ONNX_FILE, dst / "blockwise.onnx"
     if scheme == "blockwise":
-        model = _blockwise(model, blockwise, products)
+        others = [n.name for n in graph.node if n.op_type == "MatMul" and n.name not in products]
+        source = _blockwise(model, blockwise, others)
         dynamic = by_type["Attention"]
     # Reduced range (7-bit weights): on x86 CPUs without VNNI (AVX2 only) ONNX Runtime's uint8 x int8 kernel adds
     # pairs of products in 16 bits, which 8-bit weights overflow; there the same model gave other answers (README,
@@ -175,7 +181,7 @@ def quantize_int8(src: Path, dst: Path, scheme: str = "dynamic") -> Path:
     # Per-channel scales: with 8-bit weights the sst2-minilm champion lost 0.23 points of dev accuracy against fp32, 0.46 per-tensor.
     # The default tensor type: ONNX shape inference cannot type the outputs of the fused (com.microsoft) operators.
     quantize_dynamic(
-        model,
+        source,
         dst / ONNX_FILE,
         weight_type=QuantType.QInt8,
         per_channel=True,
@@ -191,14 +197,11 @@ def quantize_int8(src: Path, dst: Path, scheme: str = "dynamic") -> Path:
     return dst
 
 
-def _blockwise(src: Path, dst: Path, products: list[str]) -> Path:
-    """``src`` with ``products`` as 8-bit ``MatMulNBits`` that compute in int8 (accuracy level 4):
+def _blockwise(model: onnx.ModelProto, dst: Path, others: list[str]) -> Path:
+    """``model``'s products but ``others`` as 8-bit ``MatMulNBits`` that compute in int8 (accuracy level 4):
     symmetric weights, and activations quantized per block at run time, so that one outlier moves one block's scale, not the whole call's."""
-    import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
-    model = onnx.load(str(src))
-    others = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in products]
     scheme = DefaultWeightOnlyQuantConfig(block_size=INT8_BLOCK, is_symmetric=True, accuracy_level=4, bits=8, op_types_to_quantize=("MatMul",))
     quantizer = MatMulNBitsQuantizer(model, nodes_to_exclude=others, algo_config=scheme)
     quantizer.process()
