@@ -4,7 +4,7 @@ cheaper mask on the attention probabilities.
 With dropout on the probabilities, ``scaled_dot_product_attention`` takes its unfused math path on
 the CPU and draws torch's mask one number per element; for the short sentences of SST-2 (a few
 dozen tokens) the eager formula with the cheaper mask is faster: the 3-layer student's step went
-from 47-48 to 41-44 ms on a 2-core AMD EPYC (README, "A leaner student step"). It is the same
+from 47-48 to 41-44 ms on a 2-core AMD EPYC (reports/results.md, "A leaner student step"). It is the same
 computation: query-key products, additive padding mask, softmax, dropout, products with the values.
 Registered with transformers' ``AttentionInterface`` under ``NAME`` and switched on only while
 training (``training.lean_steps``), for models whose attention goes through that interface; saved

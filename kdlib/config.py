@@ -333,7 +333,7 @@ class ExportConfig:
     opset: ONNX opset
     tolerance: largest |ONNX Runtime logit - PyTorch logit| accepted for the fp32 model
     parity_examples: evaluation sentences compared between PyTorch and ONNX Runtime
-    int8_scheme: dynamic (small and fastest) or blockwise (closer to fp32: fewer answers moved, larger, slower); README "Two int8 schemes"
+    int8_scheme: dynamic (small and fastest) or blockwise (closer to fp32: fewer answers moved, larger, slower); reports/results.md "Two int8 schemes"
     """
 
     model_uri: str | None = None

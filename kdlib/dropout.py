@@ -2,7 +2,7 @@
 
 torch's CPU dropout draws one random number per element on one thread: 0.77 ms for one 449 x 384
 activation of the 3-layer student on a 2-core AMD EPYC, and a step has seven such masks (and one small) outside the
-attention (about 8% of the step; measured with torch.profiler, README "A leaner student step").
+attention (about 8% of the step; measured with torch.profiler, reports/results.md "A leaner student step").
 ``FastDropout`` draws one 64-bit number per four elements and compares each 16-bit quarter with the
 keep threshold: the same independent Bernoulli mask, its drop chance rounded to a multiple of 1/65536
 (0.1 becomes 0.100006), scaled by the exact 1 / (1 - p) of that chance. Draws come from torch's global

@@ -4,7 +4,7 @@ A dense embedding backward makes a fresh gradient as large as the whole table on
 30,522 words x 384 = 47 MB for the MiniLM students). On the CPU glibc serves a block that large with
 its own mmap() and unmaps it when freed, so every step faults in ~11,500 new pages and fills them
 with zeros, only to add a few hundred rows: about a sixth of the 3-layer student's step on a 2-core
-AMD EPYC (README, "A leaner student step"). Inside ``row_gradient`` the embedding's backward is
+AMD EPYC (reports/results.md, "A leaner student step"). Inside ``row_gradient`` the embedding's backward is
 sparse (the batch's rows) and autograd adds it into a dense ``.grad`` that stays mapped. Every other
 row of that buffer is zero, so gradient clipping reads and scales only the rows the step's batches
 used, and clearing the gradient zeroes only those: the optimizer sees the same dense gradient as

@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 
 AXES = {0: "batch", 1: "sequence"}
 MODELS = {"fp32": "onnx_fp32", "optimized": "onnx_optimized", "int8": "onnx_int8"}  # logged model names
-# Blockwise int8's block along the inner dimension. On an sst2-minilm champion (README "Two int8 schemes"),
+# Blockwise int8's block along the inner dimension. On an sst2-minilm champion (reports/results.md "Two int8 schemes"),
 # blocks of 32 moved 1 answer against 3 but took 1.02 ms a sentence against 0.84 ms.
 INT8_BLOCK = 128
 
@@ -176,7 +176,7 @@ def quantize_int8(src: Path, dst: Path, scheme: str = "dynamic") -> Path:
         source = _blockwise(model, blockwise, others)
         dynamic = by_type["Attention"]
     # Reduced range (7-bit weights): on x86 CPUs without VNNI (AVX2 only) ONNX Runtime's uint8 x int8 kernel adds
-    # pairs of products in 16 bits, which 8-bit weights overflow; there the same model gave other answers (README,
+    # pairs of products in 16 bits, which 8-bit weights overflow; there the same model gave other answers (reports/results.md,
     # "int8 on CPUs without VNNI"). With |w| <= 64, 2 x 255 x 64 fits, and every CPU computes the same logits.
     # Per-channel scales: with 8-bit weights the sst2-minilm champion lost 0.23 points of dev accuracy against fp32, 0.46 per-tensor.
     # The default tensor type: ONNX shape inference cannot type the outputs of the fused (com.microsoft) operators.

@@ -36,7 +36,7 @@ UNFUSED = ["SkipLayerNormFusion"]
 # Set in a graph's metadata (ONNX metadata_props) where each sentence must run in a call of its own.
 # Dynamic int8 quantizes each matrix product's input with one scale for the whole batch, padding
 # included, so a sentence's answer would depend on the sentences sent with it: 13 of 872 answers of
-# the sst2-minilm int8 student differed between batches of 64 and one sentence per call (README,
+# the sst2-minilm int8 student differed between batches of 64 and one sentence per call (reports/results.md,
 # "One sentence per call"). On a CPU one per call was as fast as length-sorted batches of 64.
 ONE_PER_CALL = "kd.one_sentence_per_call"
 
@@ -52,7 +52,7 @@ class Tokenize:
 
     The model's fast tokenizer run by its Rust backend (the ``tokenizers`` library) directly, as the
     transformers call runs it inside, without that call's Python work: 0.042 against 0.081 ms for a
-    15-word sentence, in a batch-1 int8 call of about 1.1 ms (README).
+    15-word sentence, in a batch-1 int8 call of about 1.1 ms (reports/results.md).
     """
 
     def __init__(self, folder: str | Path, max_length: int):

@@ -66,7 +66,7 @@ def word_embedding_updates(model: torch.nn.Module, cfg: TrainConfig, device: tor
     """How ``model``'s word-embedding table trains on ``device`` (accelerate's device when None): dense,
     lazy or frozen, with ``cfg.word_embeddings`` resolved. ``auto`` is lazy on a CPU, where AdamW's pass
     over the whole table is memory-bound and lazy makes the step faster at the same accuracy when
-    fine-tuning (README, "A leaner student step"). It is dense on an accelerator, where lazy is
+    fine-tuning (reports/results.md, "A leaner student step"). It is dense on an accelerator, where lazy is
     unmeasured and fp16 could not run it, and for a ``scratch`` model, whose random
     rows learn more slowly when a row moves only in the steps that use it. An explicit lazy that cannot run is refused."""
     table = model.get_input_embeddings()

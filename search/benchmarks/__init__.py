@@ -1,4 +1,4 @@
-"""Benchmarks: the scripts behind the README's measured figures, kept apart from the sweep itself.
+"""Benchmarks: the scripts behind the measured figures of reports/results.md, kept apart from the sweep itself.
 
 ``bench`` (the figures of the ``bench`` job), ``step_profile`` (where a student step's time goes),
 ``share_bench`` (trials sharing one device), ``trainer_recipe`` and ``side_by_side`` (the sweep

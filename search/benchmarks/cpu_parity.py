@@ -1,13 +1,13 @@
 """Benchmark: an exported model's answers on other x86 CPUs against this one's, under CPU emulation.
 
 ONNX Runtime picks its kernels by the CPU's features, and they need not add alike: without VNNI the
-int8 kernel adds pairs of products in 16 bits, which 8-bit weights overflow (README, "int8 on CPUs
+int8 kernel adds pairs of products in 16 bits, which 8-bit weights overflow (reports/results.md, "int8 on CPUs
 without VNNI"). This runs the model here, then under ``qemu-x86_64 -cpu MODEL`` for each ``--cpu``:
 user-mode emulation runs the same Python and wheels, but every CPU feature they detect is the
 emulated CPU's, so ONNX Runtime takes that CPU's kernels. Each run scores ``--sentences`` sentences
 of the experiment's evaluation split (a seeded sample, as ``data.max_eval_examples`` takes) one per call, as served
 (``search/benchmarks/ort_logits.py``), and the table compares logits and answers with this host's.
-Emulated, a sentence of the sst2-minilm student took 0.1-0.8 s (README): it checks answers, not speed.
+Emulated, a sentence of the sst2-minilm student took 0.1-0.8 s (reports/results.md): it checks answers, not speed.
 
     python -m search.benchmarks.cpu_parity --experiment experiments/sst2-minilm.yaml runs:/<export>/onnx_int8 \\
         [--cpu EPYC-Rome --cpu Nehalem] [--sentences 150]
