@@ -134,7 +134,7 @@ class Workers:
         return self.share.part(self.count)
 
 
-# Several trials on one GPU (README, "Several trials on one GPU"): on an H200 one trial kept the GPU
+# Several trials on one GPU (reports/results.md, "Several trials on one GPU: the H200 measurements"): on an H200 one trial kept the GPU
 # busy ~6% of a step, and 8 at once, 2 CPU threads each, did 6.8x the work of one (3.5x against the
 # fastest single small-student trial seen); 8 was the most measured, and 1 thread each did less.
 # A trial's GPU memory: its student's fp32 weights, gradients and AdamW's two moments (16 bytes a
@@ -152,7 +152,7 @@ def local_workers(requested: int | None, left: int, parameters: int) -> Workers:
     ``left`` (a process without a trial would only wait, holding threads).
 
     Two one-thread trials at once finish more trials per hour than one two-thread trial on a 2-core host
-    (README, "Several workers on one machine"): the small students' matrices leave a second thread
+    (reports/results.md, "Several workers on one machine: the measurements"): the small students' matrices leave a second thread
     little to do. One trial leaves a GPU mostly idle, waiting on Python to launch its small kernels."""
     total = torch.get_num_threads()
     if requested is not None:

@@ -1,0 +1,49 @@
+"""The README and the measured record link into each other by section: every link must land."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ["README.md", "reports/README.md", "reports/results.md"]
+LINK = re.compile(r"\]\(([^)\s]+)\)")
+
+
+def anchor(title: str) -> str:
+    """A heading's anchor as GitHub makes it: lower case, punctuation dropped, spaces as hyphens."""
+    return re.sub(r"[^\w\- ]", "", title.strip().lower()).replace(" ", "-")
+
+
+def anchors(text: str) -> set[str]:
+    found, fenced = set(), False
+    for line in text.splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+        elif not fenced and line.startswith("#"):
+            found.add(anchor(line.lstrip("#")))
+    return found
+
+
+def test_anchor_follows_github() -> None:
+    assert anchor("Does distillation pay? Student sweep benchmark") == "does-distillation-pay-student-sweep-benchmark"
+    assert anchor("CI's time") == "cis-time"
+    assert anchor("The served student, optimized") == "the-served-student-optimized"
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_every_relative_link_lands_on_a_file_and_heading(doc: str) -> None:
+    source = ROOT / doc
+    broken = []
+    for target in LINK.findall(source.read_text(encoding="utf-8")):
+        if re.match(r"[a-z]+:", target):  # http:, https:, mailto:
+            continue
+        path, _, section = target.partition("#")
+        linked = (source.parent / path).resolve() if path else source
+        if not linked.exists():
+            broken.append(f"{target} (no such file)")
+        elif section and section not in anchors(linked.read_text(encoding="utf-8")):
+            broken.append(f"{target} (no such heading)")
+    assert not broken, f"{doc}: {broken}"
