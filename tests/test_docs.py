@@ -47,3 +47,23 @@ def test_every_relative_link_lands_on_a_file_and_heading(doc: str) -> None:
         elif section and section not in anchors(linked.read_text(encoding="utf-8")):
             broken.append(f"{target} (no such heading)")
     assert not broken, f"{doc}: {broken}"
+
+
+def test_every_section_the_code_names_exists() -> None:
+    # Comments cite measurements as (reports/results.md, "Section"); a renamed section would leave them pointing nowhere.
+    cited = re.compile(r'(README|reports/results\.md)[,:]? "([^"]+)"')
+    docs = {"README": ROOT / "README.md", "reports/results.md": ROOT / "reports/results.md"}
+    titles = {
+        name: {line.lstrip("#").strip() for line in path.read_text(encoding="utf-8").splitlines() if line.startswith("#")}
+        for name, path in docs.items()
+    }
+    files = [*ROOT.glob("kdlib/*.py"), *ROOT.glob("search/**/*.py"), *ROOT.glob("search/**/*.yaml"), *ROOT.glob("reports/*.py")]
+    found, missing = 0, []
+    for path in files:
+        text = re.sub(r"\s*\n\s*(#\s*)?", " ", path.read_text(encoding="utf-8"))  # a citation may wrap onto a comment line
+        for doc, section in cited.findall(text):
+            found += 1
+            if not any(title.startswith(section) for title in titles[doc]):
+                missing.append(f"{path.relative_to(ROOT)}: {doc} {section!r}")
+    assert found >= 10, "the citations were not read"
+    assert not missing, missing
