@@ -266,7 +266,7 @@ class SearchConfig:
     study_name: Optuna study name (null: <experiment name>-sweep)
     storage: Optuna storage: a journal file path or a database URL such as postgresql://... (null: a journal beside the MLflow store)
     pruner: median, hyperband or none
-    seed: seed of the TPE sampler (give each worker its own)
+    seed: seed of the sampler: a new study's first trials, before TPE models anything, draw their settings from its creator's seed and their trial number, the same whichever worker runs them; TPE's after that (give each machine its own)
     workers: trial processes this command runs on this machine, sharing the study; CPU threads are split between those training, so a worker with no trial left gives its threads to the others (null: 2 on a CPU with 2 or more threads, several sharing a GPU as its free memory and the CPU threads allow; never more than the trials left to run)
     plain_baseline: after the trials, train the plain student (alpha 0, no transfer set, the best trial's other settings) and log distillation_gain
     start_from_config: a new study's first trial runs the experiment's own values of the searched settings (those inside their ranges; the others sampled)

@@ -14,8 +14,10 @@ import os
 import socket
 import time
 import warnings
+import zlib
 from pathlib import Path
 
+import numpy as np
 import optuna
 from optuna.storages import RetryFailedTrialCallback
 from optuna.trial import FrozenTrial, TrialState
@@ -28,6 +30,8 @@ from kdlib.errors import KDError
 STUDY_TAG, TRIAL_TAG = "optuna.study", "optuna.trial"
 ROOT_ATTR = "mlflow_sweep_run_id"  # study attribute: the sweep's first MLflow run, root of its tree
 STORE_ATTR = "mlflow_tracking_uri"  # study attribute: the MLflow store its runs and models live in
+DRAW_SEED_ATTR = "draw_seed"  # study attribute: the seed of its first trials' random draws (its creator's search.seed)
+STARTUP_TRIALS = 10  # trials drawn at random before TPE models anything (TPESampler's own default)
 JOURNAL = "optuna-journal"
 HEARTBEAT_S = 10
 POLL_S = 1.0  # how often a worker with no place left looks at the study again while other workers' trials run
@@ -126,14 +130,57 @@ def make_pruner(cfg: ExperimentConfig) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
+class TrialDraws(optuna.samplers.BaseSampler):
+    """TPE whose first ``STARTUP_TRIALS`` trials are random draws keyed by the trial's number.
+
+    TPE draws its random first trials from one generator in the order they are asked for, so with two
+    processes sharing a study which settings get tried depends on which process asks first, and each
+    local worker (its own seed) draws settings a one-process sweep never tries. Here trial ``n``'s
+    random settings come from ``draw_seed`` and ``n`` alone: one command tries the same settings with
+    one worker or several, and the Trainer recipe beside it (``search/benchmarks/trainer_recipe.py``)
+    tries them too. After those trials TPE (``seed``) samples as usual.
+    """
+
+    def __init__(self, draw_seed: int, seed: int):
+        self.draw_seed = draw_seed
+        self._tpe = optuna.samplers.TPESampler(seed=seed, n_startup_trials=STARTUP_TRIALS)
+
+    def _drawn(self, trial: FrozenTrial) -> bool:
+        return trial.number < STARTUP_TRIALS
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict:
+        return {} if self._drawn(trial) else self._tpe.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study: optuna.Study, trial: FrozenTrial, search_space: dict) -> dict:
+        return {} if self._drawn(trial) else self._tpe.sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str, param_distribution) -> object:
+        if not self._drawn(trial):
+            return self._tpe.sample_independent(study, trial, param_name, param_distribution)
+        key = np.random.SeedSequence([self.draw_seed, trial.number, zlib.crc32(param_name.encode())]).generate_state(1)[0]
+        return optuna.samplers.RandomSampler(seed=int(key)).sample_independent(study, trial, param_name, param_distribution)
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self._tpe.before_trial(study, trial)
+
+    def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState, values) -> None:
+        self._tpe.after_trial(study, trial, state, values)
+
+
 def open_study(cfg: ExperimentConfig, storage: optuna.storages.BaseStorage) -> tuple[optuna.Study, bool]:
     """The sweep's study, and whether this call created it: of workers starting together on a new
-    study, exactly one did (the storage refuses a second study of one name)."""
+    study, exactly one did (the storage refuses a second study of one name). Its sampler is
+    ``TrialDraws`` with the creator's ``search.seed`` for the first trials' draws, whichever worker asks,
+    and this worker's seed, moved on by the trials already there (a resumed or second worker must not
+    replay another's), for TPE."""
     name, pruner = study_name(cfg), make_pruner(cfg)
     try:
-        return optuna.create_study(study_name=name, storage=storage, direction="maximize", pruner=pruner), True
+        study, created = optuna.create_study(study_name=name, storage=storage, direction="maximize", pruner=pruner), True
+        study.set_user_attr(DRAW_SEED_ATTR, cfg.search.seed)
     except optuna.exceptions.DuplicatedStudyError:
-        return optuna.load_study(study_name=name, storage=storage, pruner=pruner), False
+        study, created = optuna.load_study(study_name=name, storage=storage, pruner=pruner), False
+    study.sampler = TrialDraws(study.user_attrs.get(DRAW_SEED_ATTR, cfg.search.seed), cfg.search.seed + len(study.trials))
+    return study, created
 
 
 def make_storage(url: str | None) -> tuple[optuna.storages.BaseStorage, str]:

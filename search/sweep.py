@@ -188,7 +188,8 @@ def run_sweep(cfg: ExperimentConfig) -> SweepResult:
 def worker_seed(seed: int, index: int) -> int:
     """The sampler seed of local worker ``index`` (1, 2, ...) of a sweep seeded ``seed``. Not ``seed + index``:
     machines given seeds 0, 1, 2 would each start a local worker with the next machine's seed, and two
-    samplers with one seed draw the same first trials. Below 2**31, as the sampler adds the trial count."""
+    TPE samplers with one seed propose the same settings from the same trials. Below 2**31, as the
+    sampler adds the trial count. (The first trials' random draws follow the study's seed, not this.)"""
     return int(np.random.SeedSequence([seed, index]).generate_state(1)[0] >> 1)
 
 
@@ -222,8 +223,6 @@ def _sweep(cfg: ExperimentConfig, workers: Workers | None) -> SweepResult | None
         data = prepare(cfg, tmp)
         study, created = open_study(cfg, storage)
         check_store(study)
-        # Reseed on resume: a resumed or second worker must not replay the first worker's draws.
-        study.sampler = optuna.samplers.TPESampler(seed=cfg.search.seed + len(study.trials))
         start = space.configured(cfg) if created and cfg.search.start_from_config else {}
         if start:
             study.enqueue_trial(start)  # by the study's creator alone, so it is queued once

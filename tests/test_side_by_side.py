@@ -35,9 +35,9 @@ def test_both_sweeps_draw_the_same_settings_and_the_recipe_logs_each_trial(proje
     ours, theirs = results["project"], results["trainer_recipe"]
     study = optuna.load_study(study_name=ours["study_name"], storage=make_storage(None)[0])
     trials = [t.params for t in sorted(study.trials, key=lambda t: t.number)]
-    # One seed, one space: the same draws, after the project's first trial, which ran the configured settings.
-    assert trials[0] == space.configured(cfg)
-    assert trials[1:] == [theirs["sampled"][str(number)] for number in range(len(trials) - 1)]
+    # One seed, one space: trial for trial the same draws, but the project's first, which ran the configured settings.
+    assert trials[0] == space.configured(cfg) != theirs["sampled"]["0"]
+    assert trials[1:] == [theirs["sampled"][str(number)] for number in range(1, len(trials))]
     assert results["speed_up"] == pytest.approx(theirs["wall_s"] / ours["wall_s"])
     # Best against best, sentence by sentence: the right trials' logits, in the labels' order.
     gain = results["eval_difference"]
@@ -105,9 +105,9 @@ def test_seeds_run_one_comparison_per_sampler_seed_and_summarise_them(capsys):
     assert [(run["search_seed"], run["training_seed"]) for run in runs] == [(3, cfg.distill.train.seed + 3), (5, cfg.distill.train.seed + 5)]
     for run in runs:
         study = optuna.load_study(study_name=run["project"]["study_name"], storage=make_storage(None)[0])
-        # Each run's sampler seed reached both sides: after the configured first trial, the same draws.
+        # Each run's sampler seed reached both sides: trial for trial the same draws, but the configured first.
         trials = [t.params for t in sorted(study.trials, key=lambda t: t.number)]
-        assert trials[1:] == [run["trainer_recipe"]["sampled"][str(number)] for number in range(len(trials) - 1)]
+        assert trials[1:] == [run["trainer_recipe"]["sampled"][str(number)] for number in range(1, len(trials))]
         # and its training seed reached both sides' trials
         assert {r.data.params["distill.train.seed"] for r in trial_runs(cfg.name, run["project"]["study_name"])} == {str(run["training_seed"])}
         recipe_trials = mlflow.search_runs(

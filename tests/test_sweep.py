@@ -25,7 +25,7 @@ from kdlib.errors import KDError
 from kdlib.teacher import run_teacher
 from search import space, sweep
 from search.benchmarks.bench import trial_throughput
-from search.study import WORKER_ATTR, default_storage, make_storage, recover_dead_local_trials, trial_runs
+from search.study import STARTUP_TRIALS, WORKER_ATTR, TrialDraws, default_storage, make_storage, open_study, recover_dead_local_trials, trial_runs
 from search.sweep import run_sweep
 from tests.conftest import SMOKE, in_store, mlflow_run
 
@@ -302,6 +302,11 @@ def test_two_local_workers_by_default_share_the_study_and_register_once(with_tea
     done = [t for t in trials("smoke-sweep") if t.state == TrialState.COMPLETE]
     assert result.finished == 8 and len(done) == 8
     assert len({t.user_attrs["worker"] for t in done}) == 2, "both processes ran trials"
+    # Whichever process ran it, each sampled trial tried the settings one process would have drawn for its number.
+    cfg = config("n_trials=8", "search.space.distill.train.epochs.low=3")
+    alone = optuna.create_study(sampler=TrialDraws(cfg.search.seed, seed=12345))
+    drawn = [space.suggest(alone.ask(), cfg) for _ in range(8)]
+    assert [t.params for t in sorted(done, key=lambda t: t.number)][1:] == drawn[1:]  # trial 0: the configured settings
     client = MlflowClient()
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert all(r.info.status == "FINISHED" for r in runs)
@@ -319,6 +324,35 @@ def test_two_local_workers_by_default_share_the_study_and_register_once(with_tea
     assert {r.data.tags["mlflow.parentRunId"] for r in found} == {r.info.run_id for r in sweeps}
     examples, seconds, _ = trial_throughput("smoke", "smoke-sweep")
     assert examples == pytest.approx(sum(3 * int(r.data.params["n_train"]) for r in found), rel=1e-6) and seconds > 0
+
+
+def test_the_first_trials_draw_by_their_number_whichever_worker_asks_then_tpe_takes_over():
+    def ask(study: optuna.Study) -> dict:
+        trial = study.ask()
+        return {"t": trial.suggest_float("t", 1, 20, log=True), "e": trial.suggest_int("e", 1, 5), "c": trial.suggest_categorical("c", ["a", "b"])}
+
+    alone = optuna.create_study(sampler=TrialDraws(3, seed=0))
+    one = [ask(alone) for _ in range(STARTUP_TRIALS)]
+    # Two workers with their own seeds on one storage, asking in turns.
+    storage = optuna.storages.InMemoryStorage()
+    first = optuna.create_study(storage=storage, study_name="s", sampler=TrialDraws(3, seed=1))
+    second = optuna.load_study(storage=storage, study_name="s", sampler=TrialDraws(3, seed=2))
+    shared = [ask(study) for study in [first, second] * (STARTUP_TRIALS // 2)]
+    assert shared == one and len({tuple(p.items()) for p in one}) == STARTUP_TRIALS
+    assert [ask(optuna.create_study(sampler=TrialDraws(4, seed=0))) for _ in range(1)] != one[:1]  # another draw seed, other draws
+    # After them, TPE: seeded by the worker, it models the trials told so far.
+    for trial in first.trials:
+        first.tell(trial.number, trial.params["t"])
+    proposals = {ask(optuna.load_study(storage=storage, study_name="s", sampler=TrialDraws(3, seed=seed)))["t"] for seed in (1, 2)}
+    assert len(proposals) == 2
+
+
+def test_a_study_draws_its_first_trials_from_its_creators_seed(tmp_path):
+    storage = make_storage(str(tmp_path / "journal.log"))[0]
+    study, created = open_study(config("seed=3"), storage)
+    again, created_again = open_study(config("seed=8"), storage)  # another machine's worker
+    assert (created, created_again) == (True, False)
+    assert study.sampler.draw_seed == again.sampler.draw_seed == 3
 
 
 def test_local_workers_never_take_the_seed_of_another_machines_sweep():

@@ -1,8 +1,8 @@
 """Benchmark: this project's sweep against the Hugging Face Trainer recipe (``search/benchmarks/trainer_recipe.py``).
 
-Same data, teacher, student initialisation, search space, sampler seed (with ``search.workers=1`` and
-``search.start_from_config=false`` the same settings, trial for trial; by default the project's first
-trial runs the configured settings and the second local process on a CPU draws its own), pruner,
+Same data, teacher, student initialisation, search space, sampler seed (the same settings trial for
+trial, ``search.study.TrialDraws``, whatever the project's local workers; by default the project's first
+trial runs the configured settings instead, ``search.start_from_config=false`` draws it too), pruner,
 precision and number of trials; one host, one command, so the speed-up is one ratio of two figures
 measured back to back:
 

@@ -34,7 +34,7 @@ from kdlib.metrics import accuracy
 from kdlib.models import SCRATCH, cut_from_teacher, load_classifier
 from kdlib.student import EVAL_LOGITS, fetch_teacher
 from search.space import suggest
-from search.study import make_pruner
+from search.study import TrialDraws, make_pruner
 
 # The searched config keys the recipe can set, and the TrainingArguments field each one sets.
 ARGUMENTS = {
@@ -206,7 +206,7 @@ def run_recipe(cfg: ExperimentConfig, teacher_version: str) -> RecipeResult:
                     n_trials=cfg.search.n_trials,
                     direction="maximize",
                     backend="optuna",
-                    sampler=optuna.samplers.TPESampler(seed=cfg.search.seed),
+                    sampler=TrialDraws(cfg.search.seed, cfg.search.seed),  # the sweep's draws, trial for trial
                     pruner=make_pruner(cfg),
                 )
                 result = RecipeResult(run.info.run_id, sampled, dict(trainer.finished))
