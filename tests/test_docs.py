@@ -17,14 +17,19 @@ def anchor(title: str) -> str:
     return re.sub(r"[^\w\- ]", "", title.strip().lower()).replace(" ", "-")
 
 
-def anchors(text: str) -> set[str]:
-    found, fenced = set(), False
+def headings(text: str) -> list[str]:
+    """The markdown headings' titles; a line starting with # inside a code block is a shell comment."""
+    found, fenced = [], False
     for line in text.splitlines():
         if line.startswith("```"):
             fenced = not fenced
         elif not fenced and line.startswith("#"):
-            found.add(anchor(line.lstrip("#")))
+            found.append(line.lstrip("#").strip())
     return found
+
+
+def anchors(text: str) -> set[str]:
+    return {anchor(title) for title in headings(text)}
 
 
 def test_anchor_follows_github() -> None:
@@ -53,10 +58,7 @@ def test_every_section_the_code_names_exists() -> None:
     # Comments cite measurements as (reports/results.md, "Section"); a renamed section would leave them pointing nowhere.
     cited = re.compile(r'(README|reports/results\.md)[,:]? "([^"]+)"')
     docs = {"README": ROOT / "README.md", "reports/results.md": ROOT / "reports/results.md"}
-    titles = {
-        name: {line.lstrip("#").strip() for line in path.read_text(encoding="utf-8").splitlines() if line.startswith("#")}
-        for name, path in docs.items()
-    }
+    titles = {name: headings(path.read_text(encoding="utf-8")) for name, path in docs.items()}
     files = [*ROOT.glob("kdlib/*.py"), *ROOT.glob("search/**/*.py"), *ROOT.glob("search/**/*.yaml"), *ROOT.glob("reports/*.py")]
     found, missing = 0, []
     for path in files:
